@@ -1,0 +1,3 @@
+"""hotrelay benchmarks: print comparison tables, never pass/fail."""
+
+from __future__ import annotations

@@ -1,0 +1,5 @@
+"""hotrelay: relay host hotplug events into running containers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

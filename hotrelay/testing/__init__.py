@@ -1,0 +1,3 @@
+"""Real kernel objects for tests and the demo: sandbox containers and hotplug generators."""
+
+from __future__ import annotations

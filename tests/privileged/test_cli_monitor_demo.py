@@ -1,0 +1,91 @@
+"""`hotrelay monitor` and `hotrelay demo` as a user runs them: real processes, real hotplug."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hotrelay.testing.hotplug import ZramDevice
+
+pytestmark = pytest.mark.privileged
+
+HOTRELAY = [sys.executable, "-m", "hotrelay"]
+
+
+def start_monitor(*args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*HOTRELAY, "monitor", "--source", "kernel", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    # The monitor says it is listening only once its socket is bound.
+    assert "listening" in proc.stderr.readline()
+    return proc
+
+
+def test_monitor_json_shows_a_zram_hot_add() -> None:
+    proc = start_monitor("--json", "--subsystem", "block", "--count", "1", "--timeout", "10")
+    try:
+        with ZramDevice() as zram:
+            out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    (line,) = out.splitlines()
+    event = json.loads(line)
+    assert event["action"] == "add"
+    assert event["subsystem"] == "block"
+    assert event["devpath"] == zram.devpath
+    assert (event["major"], event["minor"]) == (zram.major, zram.minor)
+    assert event["properties"]["DEVNAME"] == zram.name
+    accepted = re.search(r"(\d+) accepted, (\d+) untrusted", err)
+    assert accepted is not None, err
+    assert int(accepted[1]) >= 1
+
+
+def test_monitor_human_output_and_counters() -> None:
+    proc = start_monitor("-p", "--subsystem", "block", "--count", "1", "--timeout", "10")
+    try:
+        with ZramDevice() as zram:
+            out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = out.splitlines()[0]
+    assert first.startswith("KERNEL[")
+    assert f"add      {zram.devpath} (block)" in first
+    assert f"DEVNAME={zram.name}" in out
+    assert "0 untrusted" in err
+
+
+def leftovers() -> dict[str, set[str]]:
+    cgroups = set()
+    for root in (
+        Path("/sys/fs/cgroup/devices/hotrelay-test"),
+        Path("/sys/fs/cgroup/unified/hotrelay-test"),
+    ):
+        if root.exists():
+            cgroups |= {p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("demo")}
+    return {
+        "cgroups": cgroups,
+        "zram": {p.name for p in Path("/sys/block").iterdir() if p.name.startswith("zram")},
+        "net": {p.name for p in Path("/sys/class/net").iterdir()},
+    }
+
+
+def test_demo_exits_zero_and_leaves_nothing_behind() -> None:
+    before = leftovers()
+    result = subprocess.run([*HOTRELAY, "demo"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "heard  add    /devices/virtual/block/zram" in result.stdout
+    assert "dropped: kernel group: sender port id" in result.stdout
+    assert "open(/dev/zram" in result.stdout
+    assert leftovers() == before
