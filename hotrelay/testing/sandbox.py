@@ -44,6 +44,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, NoReturn
 
+from hotrelay.core.containers import ContainerRef, Runtime
+from hotrelay.core.containers import IdMap as CoreIdMap
+from hotrelay.core.device_access import DeviceRule
 from hotrelay.kernel import libc
 
 DeviceMode = Literal["allow-all", "default-deny"]
@@ -203,6 +206,42 @@ class Sandbox:
 
     def ns_path(self, kind: str) -> Path:
         return Path(f"/proc/{self.pid}/ns/{kind}")
+
+    def ref(self) -> ContainerRef:
+        """The sandbox as the relay sees a container: a ``pid:`` target.
+
+        Read from /proc, the way a runtime adapter fills a ContainerRef, so effectors
+        can be tested on a sandbox exactly as they run on a real container.
+        """
+        proc = Path(f"/proc/{self.pid}")
+        namespaces = {
+            kind: os.stat(proc / "ns" / kind).st_ino
+            for kind in ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup")
+        }
+        # Field 22 (starttime) follows the parenthesised comm, which may hold spaces.
+        start_time = int((proc / "stat").read_text().rpartition(")")[2].split()[19])
+        base = (
+            tuple(DeviceRule.parse(line) for line in ("a", *OCI_DEFAULT_ALLOW))
+            if self.devices == "default-deny"
+            else ()
+        )
+        if base:
+            base = (dataclasses.replace(base[0], allow=False), *base[1:])
+        return ContainerRef(
+            runtime=Runtime.PID,
+            name=str(self.pid),
+            pid=self.pid,
+            id=self.name,
+            start_time=start_time,
+            devices_cgroup="/" + str(self.devices_cgroup.relative_to(CGROUP_ROOT / "devices")),
+            unified_cgroup="/" + str(self.unified_cgroup.relative_to(CGROUP_ROOT / "unified")),
+            namespaces=namespaces,
+            uid_map=CoreIdMap.parse((proc / "uid_map").read_text()),
+            gid_map=CoreIdMap.parse((proc / "gid_map").read_text()),
+            host_network=False,
+            privileged=self.userns is None,
+            base_device_rules=base,
+        )
 
     def is_running(self) -> bool:
         if self._pidfd is None:
