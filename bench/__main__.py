@@ -10,10 +10,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import source
+from bench import rules, source
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], str]] = {
     "source": source.main,
+    "rules": rules.main,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hotrelay import __version__
 from hotrelay.daemon.source import SourceKind
@@ -36,6 +37,72 @@ def _demo(args: argparse.Namespace) -> int:
     from hotrelay.demo import run_demo
 
     return trio.run(run_demo, sys.stdout)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from hotrelay.rules_cli import run_check
+
+    return run_check(args.paths, sys.stdout, sys.stderr)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from hotrelay.rules_cli import run_explain
+
+    return run_explain(args.device, args.rules, args.sysfs, args.json, sys.stdout, sys.stderr)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from hotrelay.rules_cli import run_simulate
+
+    return run_simulate(args.uevent_file, args.rules, args.sysfs, args.json, sys.stdout, sys.stderr)
+
+
+def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rules_dir = Path("/etc/hotrelay/rules.d")
+    check = verbs.add_parser(
+        "check",
+        help="validate rule files (exit 1 with path:line: messages)",
+        description="Validate rule files and directories (every *.toml, in name order). "
+        "Prints each problem as path:line: message and exits 1, or exits 0.",
+    )
+    check.add_argument(
+        "paths", nargs="*", metavar="PATH", help=f"rule files or directories (default {rules_dir})"
+    )
+    check.set_defaults(func=_check)
+
+    explain = verbs.add_parser(
+        "explain",
+        help="show which rules match a device, or why not",
+        description="For a device present on this host, print each rule's verdict: matched, "
+        "or the first condition that failed with the value actually seen; and the targets "
+        "that would receive the device.",
+    )
+    explain.add_argument("device", metavar="DEVICE", help="/dev/NODE or /sys/... device path")
+    simulate = verbs.add_parser(
+        "simulate",
+        help="print the actions a captured uevent would cause (changes nothing)",
+        description="Replay a captured uevent (kernel or libudev wire bytes, or KEY=VALUE "
+        "lines as udevadm info prints them) through the rules and print the plan.",
+    )
+    simulate.add_argument("uevent_file", type=Path, metavar="UEVENT_FILE")
+    for parser in (explain, simulate):
+        parser.add_argument(
+            "--rules",
+            type=Path,
+            default=rules_dir,
+            metavar="DIR",
+            help=f"rules directory (default {rules_dir})",
+        )
+        parser.add_argument(
+            "--sysfs",
+            type=Path,
+            default=Path("/sys"),
+            metavar="DIR",
+            help="read devices from this sysfs tree (default /sys)",
+        )
+        parser.add_argument("--json", action="store_true", help="one JSON document")
+    explain.set_defaults(func=_explain)
+    simulate.set_defaults(func=_simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hotplug a zram device and a veth pair and show what hotrelay hears (root)",
     )
     demo.set_defaults(func=_demo)
+    _add_rule_verbs(verbs)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""Sysfs at the edge: ``SysfsDevice`` implements the core's ``DeviceView`` over a sysfs tree.
+
+The tree's root is a parameter (default /sys), so tests build a fake tree in a temp
+dir and exercise exactly this code. Reads are plain file reads and readlinks; the core
+caches them per event, so each is done at most once per event.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from hotrelay.core.uevent import Uevent, UeventParseError
+from hotrelay.errors import HotrelayError
+
+__all__ = ["SYSFS", "SysfsDevice", "SysfsError", "resolve_device"]
+
+SYSFS = Path("/sys")
+# sysfs attributes are at most a page; anything longer is a binary blob nobody matches.
+_MAX_ATTRIBUTE = 4096
+
+
+class SysfsError(HotrelayError):
+    """A device that cannot be found or read in sysfs."""
+
+
+def _link_name(path: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+class SysfsDevice:
+    """One device directory under ``ROOT/devices``."""
+
+    __slots__ = ("_properties", "path", "root")
+
+    def __init__(self, path: Path, root: Path = SYSFS) -> None:
+        self.path = path
+        self.root = root
+        self._properties: dict[str, str] | None = None
+
+    @classmethod
+    def from_syspath(cls, path: Path, root: Path = SYSFS) -> SysfsDevice:
+        """A device from any path that leads to its directory (``/sys/class/net/eth0`` too)."""
+        real_root = root.resolve()
+        try:
+            real = path.resolve(strict=True)
+        except OSError as exc:
+            raise SysfsError(f"{path}: {exc.strerror or exc}") from None
+        devices = real_root / "devices"
+        if real != devices and devices not in real.parents:
+            raise SysfsError(f"{path}: not a device (outside {devices})")
+        if not (real / "uevent").is_file():
+            raise SysfsError(f"{path}: not a device (no uevent file)")
+        return cls(real, real_root)
+
+    @classmethod
+    def from_devnum(cls, kind: str, major: int, minor: int, root: Path = SYSFS) -> SysfsDevice:
+        """The device behind ``kind`` (``char`` or ``block``) ``major:minor``."""
+        link = root / "dev" / kind / f"{major}:{minor}"
+        if not link.exists():
+            raise SysfsError(f"no {kind} device {major}:{minor} in {root / 'dev' / kind}")
+        return cls.from_syspath(link, root)
+
+    @property
+    def devpath(self) -> str:
+        return "/" + str(self.path.relative_to(self.root))
+
+    @property
+    def sysname(self) -> str:
+        return self.path.name
+
+    @property
+    def subsystem(self) -> str | None:
+        return _link_name(self.path / "subsystem")
+
+    @property
+    def driver(self) -> str | None:
+        return _link_name(self.path / "driver")
+
+    @property
+    def devtype(self) -> str | None:
+        return self.properties().get("DEVTYPE")
+
+    def properties(self) -> dict[str, str]:
+        """The ``uevent`` file's KEY=VALUE lines (MAJOR, MINOR, DEVNAME, DEVTYPE, ...)."""
+        if self._properties is None:
+            try:
+                text = (self.path / "uevent").read_text(errors="replace")
+            except OSError:
+                text = ""
+            props = {}
+            for line in text.splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key:
+                    props[key] = value
+            self._properties = props
+        return self._properties
+
+    def attribute(self, name: str) -> str | None:
+        if not name or "/" in name or name in (".", ".."):
+            return None
+        path = self.path / name
+        try:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                # As udev: a link attribute (driver, subsystem, module) is its target's name.
+                return _link_name(path)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            with open(path, "rb") as f:
+                data = f.read(_MAX_ATTRIBUTE + 1)
+        except OSError:
+            return None  # absent, write-only (remove, rescan) or gone mid-read
+        if len(data) > _MAX_ATTRIBUTE:
+            return None
+        return data.decode("utf-8", "replace").rstrip()
+
+    def parent(self) -> SysfsDevice | None:
+        top = self.root / "devices"
+        directory = self.path.parent
+        while directory != top and top in directory.parents:
+            if (directory / "uevent").is_file():
+                return SysfsDevice(directory, self.root)
+            directory = directory.parent
+        return None
+
+    def to_uevent(self, action: str = "add") -> Uevent:
+        """The uevent the kernel would send for this device now (as ``udevadm trigger``)."""
+        subsystem = self.subsystem
+        if subsystem is None:
+            raise SysfsError(f"{self.path}: has no subsystem")
+        props = {"ACTION": action, "DEVPATH": self.devpath, "SUBSYSTEM": subsystem}
+        for key, value in self.properties().items():
+            props.setdefault(key, value)
+        try:
+            return Uevent.from_properties(props)
+        except UeventParseError as exc:
+            raise SysfsError(f"{self.path / 'uevent'}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"SysfsDevice({str(self.path)!r})"
+
+
+def resolve_device(spec: str, root: Path = SYSFS) -> SysfsDevice:
+    """``/dev/NODE`` (by its device number) or ``/sys/...`` to its device in ``root``."""
+    if spec.startswith("/dev/"):
+        try:
+            info = os.stat(spec)
+        except OSError as exc:
+            raise SysfsError(f"{spec}: {exc.strerror or exc}") from None
+        if stat.S_ISCHR(info.st_mode):
+            kind = "char"
+        elif stat.S_ISBLK(info.st_mode):
+            kind = "block"
+        else:
+            raise SysfsError(f"{spec}: not a device node")
+        return SysfsDevice.from_devnum(kind, os.major(info.st_rdev), os.minor(info.st_rdev), root)
+    if spec == "/sys" or spec.startswith("/sys/"):
+        return SysfsDevice.from_syspath(root / spec[len("/sys/") :], root)
+    raise SysfsError(f"{spec}: expected a /dev/... node or a /sys/... device path")

@@ -1,0 +1,172 @@
+"""The executor's bookkeeping: write-ahead ledger, rollback, leftovers, ordering.
+
+The effector here records calls instead of touching the kernel: what is under test is
+the executor's promise that the ledger always says what may have been done. The real
+effectors are tested against the real kernel in tests/privileged/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hotrelay.core.containers import ContainerRef, Runtime
+from hotrelay.core.relay import ApplyJob, Binding, UndoJob
+from hotrelay.core.rules import RuleSet
+from hotrelay.core.uevent import Uevent
+from hotrelay.daemon.executor import EffectorError, Executor, JobResult, restore_applied
+from hotrelay.daemon.ledger import Ledger
+
+RULES = RuleSet.from_texts(
+    [("t.toml", '[[rule]]\nname = "z"\ntarget = ["lxc:*"]\n[rule.match]\nkernel = "zram*"\n')]
+)
+
+
+def binding(name: str = "ha", n: int = 1) -> Binding:
+    uevent = Uevent.from_properties(
+        {"ACTION": "add", "DEVPATH": f"/devices/virtual/block/zram{n}", "SUBSYSTEM": "block",
+         "DEVNAME": f"zram{n}", "MAJOR": "253", "MINOR": str(n)}
+    )  # fmt: skip
+    return Binding.build(ContainerRef(Runtime.LXC, name, pid=7), uevent, RULES.rules[0])
+
+
+class Recorder:
+    """An effector that logs what it is asked to do and fails on request."""
+
+    def __init__(self, kind: str, log: list[str], ledger: Ledger) -> None:
+        self.kind = kind
+        self.log = log
+        self.ledger = ledger
+        self.fail_apply = False
+        self.fail_undo = False
+
+    def prepare(self, action: Any) -> dict[str, Any]:
+        return {"kind": self.kind, "what": action.describe()}
+
+    async def apply(self, action: Any, record: dict[str, Any]) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        # Write-ahead: while we apply, the ledger already holds this step as pending.
+        (entry,) = self.ledger.entries()
+        assert entry.record["steps"][-1]["state"] == "pending"
+        self.log.append(f"apply {self.kind}")
+        if self.fail_apply:
+            raise EffectorError(f"{self.kind} refused")
+        return {**record, "done": True}
+
+    async def undo(self, record: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        self.log.append(f"undo {self.kind} done={record.get('done', False)}")
+        if self.fail_undo:
+            raise EffectorError(f"{self.kind} undo refused")
+
+    async def notify(self, action: Any) -> None:
+        self.log.append(f"notify {self.kind}")
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.ledger = Ledger(tmp_path / "ledger")
+        self.log: list[str] = []
+        self.results: list[JobResult] = []
+        kinds = ["GrantDevice", "MakeNode", "InjectUevent"]
+        self.effectors = {k: Recorder(k, self.log, self.ledger) for k in kinds}
+        self.done = trio.Event()
+
+    async def report(self, result: JobResult) -> None:
+        self.results.append(result)
+        self.done.set()
+
+
+async def run_jobs(h: Harness, *jobs: ApplyJob | UndoJob) -> None:
+    executor = Executor(h.ledger, h.effectors, h.report)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        for job in jobs:
+            executor.submit(job)
+        with trio.fail_after(5):
+            while len(h.results) < len(jobs):
+                h.done = trio.Event()
+                await h.done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_apply_runs_steps_in_order_and_records_them(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    b = binding()
+    await run_jobs(h, ApplyJob(b))
+    assert h.log == ["apply GrantDevice", "apply MakeNode", "apply InjectUevent"]
+    assert h.results[0].error is None
+    (entry,) = h.ledger.entries()
+    assert [s["state"] for s in entry.record["steps"]] == ["done"] * 3
+    assert restore_applied(h.ledger) == {b.key: b.fingerprint}
+
+
+async def test_failed_step_rolls_back_newest_first(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.effectors["MakeNode"].fail_apply = True
+    await run_jobs(h, ApplyJob(binding()))
+    assert h.log == [
+        "apply GrantDevice",
+        "apply MakeNode",
+        "undo MakeNode done=False",  # the pending step is undone too: it may have half-run
+        "undo GrantDevice done=True",
+    ]
+    (result,) = h.results
+    assert result.error is not None
+    assert "MakeNode refused" in result.error
+    assert not result.leftover
+    assert list(h.ledger.entries()) == []
+
+
+async def test_rollback_that_fails_leaves_a_leftover_in_the_ledger(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.effectors["MakeNode"].fail_apply = True
+    h.effectors["GrantDevice"].fail_undo = True
+    b = binding()
+    await run_jobs(h, ApplyJob(b))
+    (result,) = h.results
+    assert result.leftover
+    assert restore_applied(h.ledger) == {b.key: "partial"}
+    # Later the relay asks for an undo, which now succeeds and clears the entry.
+    h.effectors["GrantDevice"].fail_undo = False
+    h.results.clear()
+    h.log.clear()
+    await run_jobs(h, UndoJob(b.key))
+    assert h.log == ["undo GrantDevice done=True"]
+    assert list(h.ledger.entries()) == []
+
+
+async def test_undo_reverses_everything_and_forgets(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    b = binding()
+    await run_jobs(h, ApplyJob(b), UndoJob(b.key))
+    assert h.log[3:] == [
+        "undo InjectUevent done=True",
+        "undo MakeNode done=True",
+        "undo GrantDevice done=True",
+    ]
+    assert list(h.ledger.entries()) == []
+
+
+async def test_undo_of_unknown_binding_is_a_no_op(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    await run_jobs(h, UndoJob(binding().key))
+    assert h.results[0].error is None
+    assert h.log == []
+
+
+@pytest.mark.parametrize("containers", [1, 3])
+async def test_jobs_of_one_container_keep_their_order(tmp_path: Path, containers: int) -> None:
+    h = Harness(tmp_path)
+    jobs: list[ApplyJob | UndoJob] = []
+    for c in range(containers):
+        b = binding(f"c{c}", n=c)
+        jobs += [ApplyJob(b), UndoJob(b.key)]
+    await run_jobs(h, *jobs)
+    for c in range(containers):
+        mine = [r.job for r in h.results if (r.job.key.container == f"c{c}")]
+        assert [type(j).__name__ for j in mine] == ["ApplyJob", "UndoJob"]
+    assert list(h.ledger.entries()) == []
