@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hotrelay import __version__
+from hotrelay.control_cli import add_control_verbs, add_daemon_monitor_options
 from hotrelay.daemon.source import SourceKind
 from hotrelay.errors import HotrelayError
 
@@ -15,6 +16,10 @@ Verb = Callable[[argparse.Namespace], int]
 
 
 def _monitor(args: argparse.Namespace) -> int:
+    if args.daemon:
+        from hotrelay.control_cli import run_daemon_monitor
+
+        return run_daemon_monitor(args, sys.stdout)
     import trio
 
     from hotrelay.monitor import MonitorOptions, run_monitor
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="socket receive buffer (default 64 MiB)",
     )
+    add_daemon_monitor_options(monitor)
     monitor.set_defaults(func=_monitor)
 
     demo = verbs.add_parser(
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     _add_rule_verbs(verbs)
+    add_control_verbs(verbs)
     return parser
 
 

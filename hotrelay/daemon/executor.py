@@ -30,6 +30,7 @@ import trio
 from hotrelay.core.containers import Runtime
 from hotrelay.core.relay import ApplyJob, BindingKey, Job, NotifyJob, UndoJob
 from hotrelay.daemon.ledger import Ledger, LedgerEntry
+from hotrelay.errors import HotrelayError
 
 __all__ = [
     "Effector",
@@ -44,9 +45,11 @@ __all__ = [
 log = logging.getLogger("hotrelay.executor")
 
 Record = dict[str, Any]
+# What an effector raises when an action fails (as opposed to a bug in hotrelay).
+_FAILURES = (HotrelayError, OSError, ValueError)
 
 
-class EffectorError(Exception):
+class EffectorError(HotrelayError):
     """An action failed; the message names the container, device and reason."""
 
 
@@ -206,7 +209,7 @@ class Executor:
                 self._write(key, entry)
                 step["record"] = await effector.apply(action, step["record"])
                 step["state"] = "done"
-            except (EffectorError, OSError, ValueError) as exc:
+            except _FAILURES as exc:
                 log.warning("%s: %s failed: %s", key, action.describe(), exc)
                 leftover = await self._rollback(key, entry)
                 return JobResult(job, error=f"{action.describe()}: {exc}", leftover=leftover)
@@ -219,7 +222,7 @@ class Executor:
         """Undo a failed apply's steps; True if some could not be undone (kept in ledger)."""
         try:
             await self._undo_steps(key, entry)
-        except (EffectorError, OSError, ValueError):
+        except _FAILURES:
             return True
         return False
 
@@ -229,7 +232,7 @@ class Executor:
             step = steps[-1]
             try:
                 await self._effector(step["kind"]).undo(step.get("record", {}))
-            except (EffectorError, OSError, ValueError) as exc:
+            except _FAILURES as exc:
                 log.warning("%s: undo of %s failed: %s", key, step["describe"], exc)
                 self._write(key, entry)
                 raise
@@ -246,7 +249,7 @@ class Executor:
         entry["complete"] = False
         try:
             await self._undo_steps(job.key, entry)
-        except (EffectorError, OSError, ValueError) as exc:
+        except _FAILURES as exc:
             return JobResult(job, error=str(exc), leftover=True)
         return JobResult(job)
 
@@ -255,7 +258,7 @@ class Executor:
         for action in job.actions:
             try:
                 await self._effector(type(action).__name__).notify(action)
-            except (EffectorError, OSError, ValueError) as exc:
+            except _FAILURES as exc:
                 errors.append(f"{action.describe()}: {exc}")
         return JobResult(job, error="; ".join(errors) or None)
 
