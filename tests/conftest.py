@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-pytest_plugins = ["hotrelay.testing.fixtures"]
+pytest_plugins = ["hotrelay.testing.fixtures", "hotrelay.testing.runtime_fixtures"]
 
 
 def privileged_required() -> bool:

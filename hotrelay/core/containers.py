@@ -15,7 +15,15 @@ from types import MappingProxyType
 
 from hotrelay.core.device_access import DeviceRule
 
-__all__ = ["ContainerRef", "IdMap", "IdRange", "Runtime"]
+__all__ = [
+    "ContainerEvent",
+    "ContainerRef",
+    "ContainerStarted",
+    "ContainerStopped",
+    "IdMap",
+    "IdRange",
+    "Runtime",
+]
 
 
 class Runtime(enum.Enum):
@@ -145,3 +153,35 @@ class ContainerRef:
     def key(self) -> tuple[Runtime, str]:
         """Identity across restarts: the same runtime and name is the same container."""
         return (self.runtime, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStarted:
+    """A runtime watcher saw ``container`` running (at start-up, on a resync, or live)."""
+
+    container: ContainerRef
+
+    @property
+    def key(self) -> tuple[Runtime, str]:
+        return self.container.key
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStopped:
+    """The container last reported by a ContainerStarted is gone.
+
+    ``container`` is that last reported snapshot, so a consumer can undo exactly what
+    it did for that pid; ``reason`` says how the watcher found out (``exited``: the
+    init process's pidfd became readable; ``runtime``: the runtime reports it stopped
+    or replaced; ``vanished``: it disappeared from a listing).
+    """
+
+    container: ContainerRef
+    reason: str = "exited"
+
+    @property
+    def key(self) -> tuple[Runtime, str]:
+        return self.container.key
+
+
+ContainerEvent = ContainerStarted | ContainerStopped

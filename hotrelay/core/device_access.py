@@ -113,6 +113,19 @@ class DeviceRule:
             and (self.minor is None or self.minor == minor)
         )
 
+    def covers(self, other: DeviceRule) -> bool:
+        """Does this rule's pattern include ``other``'s whole pattern, with all its access?
+
+        How cgroup v1 decides that an exception already allows a request (or a wider
+        rule): type ``a`` or equal, ``*`` or equal numbers, access a superset.
+        """
+        return (
+            (self.type is DeviceType.ALL or self.type is other.type)
+            and (self.major is None or self.major == other.major)
+            and (self.minor is None or self.minor == other.minor)
+            and self.access.covers(other.access)
+        )
+
 
 def _number(text: str, line: str) -> int | None:
     if text == "*":
