@@ -10,13 +10,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import cgroups, rules, runtimes, source
+from bench import cgroups, devnode, rules, runtimes, source
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], str]] = {
     "source": source.main,
     "rules": rules.main,
     "cgroups": cgroups.main,
     "runtimes": runtimes.main,
+    "devnode": devnode.main,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
