@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hotrelay import __version__
 from hotrelay.control_cli import add_control_verbs, add_daemon_monitor_options
+from hotrelay.daemon.logging_setup import add_logging_options
 from hotrelay.daemon.source import SourceKind
 from hotrelay.errors import HotrelayError
 
@@ -34,6 +35,24 @@ def _monitor(args: argparse.Namespace) -> int:
         rcvbuf=args.rcvbuf,
     )
     return trio.run(run_monitor, options, sys.stdout, sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from hotrelay.daemon.main import RunOptions, run_daemon
+
+    options = RunOptions(
+        config=args.config,
+        rules_dir=args.rules,
+        state_dir=args.state_dir,
+        socket=args.socket,
+        source=args.source,
+        revoke_on_exit=args.revoke_on_exit,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+    return trio.run(run_daemon, options)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -148,6 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_daemon_monitor_options(monitor)
     monitor.set_defaults(func=_monitor)
+
+    run = verbs.add_parser(
+        "run",
+        help="the relay daemon, in the foreground (root)",
+        description="Relay hotplug events into running containers until SIGTERM. "
+        "SIGHUP (or `hotrelay reload`) re-reads the rules.",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/hotrelay/hotrelay.toml"),
+        metavar="FILE",
+        help="config file (default /etc/hotrelay/hotrelay.toml; absent = defaults)",
+    )
+    run.add_argument("--rules", type=Path, metavar="DIR", help="rules directory")
+    run.add_argument("--state-dir", type=Path, metavar="DIR", help="state directory")
+    run.add_argument("--socket", type=Path, metavar="PATH", help="control socket")
+    run.add_argument("--source", choices=[k.value for k in SourceKind], help="event source")
+    run.add_argument(
+        "--revoke-on-exit",
+        action="store_true",
+        default=None,
+        help="on a clean stop, revoke every grant (default: leave them in place)",
+    )
+    add_logging_options(run)
+    run.set_defaults(func=_run)
 
     demo = verbs.add_parser(
         "demo",

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from hotrelay.core.containers import ContainerRef, Runtime
-from hotrelay.core.plan import Action, InjectUevent, SkipRule, plan_for
+from hotrelay.core.plan import Action, InjectUevent, MakeNode, MakeSymlink, SkipRule, plan_for
 from hotrelay.core.rules import DeviceView, MatchMemory, Rule, RuleSet
-from hotrelay.core.uevent import Uevent
+from hotrelay.core.uevent import Uevent, Wire
 
 __all__ = [
     "ApplyJob",
@@ -77,7 +77,8 @@ class Binding:
         # Plan through one target only: several of the rule's targets may name the
         # same container, and it must get the device once.
         chosen = next(t for t in rule.targets if t.selects(container))
-        actions = tuple(plan_for(add, [rule], resolve=lambda t: [container] if t is chosen else []))
+        planned = plan_for(add, [rule], resolve=lambda t: [container] if t is chosen else [])
+        actions = tuple(_as_seen_inside(planned))
         # What makes two bindings "the same": the container incarnation (a restart is
         # a new pid), the device and everything the actions would do.
         identity = "\n".join(
@@ -428,12 +429,34 @@ class Relay:
         for key in self._by_devpath.get(uevent.devpath, ()):
             binding = self._desired[key]
             injections = tuple(
-                InjectUevent(binding.container, uevent, a.wire, a.origin)
+                InjectUevent(
+                    binding.container, _inside_view(uevent, binding.actions), a.wire, a.origin
+                )
                 for a in binding.actions
                 if isinstance(a, InjectUevent)
             )
             if injections:
                 self._notify[key] = NotifyJob(key, injections)
+
+
+def _inside_view(uevent: Uevent, actions: Sequence[Action]) -> Uevent:
+    """The event with the container's paths: DEVNAME is where the node is made inside,
+    DEVLINKS the links made inside (the host's would point at nothing there)."""
+    node = next((a.path for a in actions if isinstance(a, MakeNode)), None)
+    if node is None:
+        return uevent
+    links = " ".join(a.link for a in actions if isinstance(a, MakeSymlink))
+    devname = node if uevent.wire is Wire.UDEV else node.removeprefix("/dev/")
+    return uevent.replace(DEVNAME=devname, DEVLINKS=links or None)
+
+
+def _as_seen_inside(actions: Sequence[Action]) -> list[Action]:
+    return [
+        InjectUevent(a.container, _inside_view(a.uevent, actions), a.wire, a.origin)
+        if isinstance(a, InjectUevent)
+        else a
+        for a in actions
+    ]
 
 
 def _discard(index: dict[_K, set[BindingKey]], group: _K, key: BindingKey) -> None:

@@ -20,6 +20,8 @@ and one container's failing or slow job never holds up another's.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,10 @@ __all__ = [
 log = logging.getLogger("hotrelay.executor")
 
 Record = dict[str, Any]
+# Crash tests name a point here (e.g. "applied:GrantDevice") and the daemon SIGKILLs
+# itself there, exactly as a crash would stop it. Unset in production: no effect.
+CRASH_AT_ENV = "HOTRELAY_TEST_CRASH_AT"
+
 # What an effector raises when an action fails (as opposed to a bug in hotrelay).
 _FAILURES = (HotrelayError, OSError, ValueError)
 
@@ -124,6 +130,12 @@ class Executor:
         self._workers: dict[tuple[Runtime, str], _Worker] = {}
         self._nursery: trio.Nursery | None = None
         self.stats = ExecutorStats()
+        self._crash_at = os.environ.get(CRASH_AT_ENV)
+
+    def _crash_point(self, point: str) -> None:
+        if self._crash_at == point:
+            log.warning("crash test: SIGKILL at %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -206,8 +218,12 @@ class Executor:
                 effector = self._effector(kind)
                 step["record"] = effector.prepare(action)
                 steps.append(step)
+                # One write: the previous step done, this one pending.
                 self._write(key, entry)
+                if len(steps) > 1:
+                    self._crash_point(f"recorded:{steps[-2]['kind']}")
                 step["record"] = await effector.apply(action, step["record"])
+                self._crash_point(f"applied:{kind}")  # done in the kernel, not in the ledger
                 step["state"] = "done"
             except _FAILURES as exc:
                 log.warning("%s: %s failed: %s", key, action.describe(), exc)

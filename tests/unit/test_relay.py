@@ -94,6 +94,11 @@ def test_hotplug_then_unplug() -> None:
     node = apply.binding.actions[1]
     assert isinstance(node, MakeNode)
     assert (node.path, node.mode) == ("/dev/disks/zram1", 0o660)
+    inject = apply.binding.actions[2]
+    assert isinstance(inject, InjectUevent)
+    # The event the container hears names the node where the container has it.
+    assert inject.uevent.devname == "disks/zram1"
+    assert inject.uevent.node == "/dev/disks/zram1"
     assert relay.next_jobs() == []  # in flight
     finish(relay, jobs)
     assert relay.is_settled()

@@ -1,0 +1,281 @@
+"""Adapters from the relay's actions to the effectors, in the executor's terms.
+
+Each adapter implements the executor's ``Effector`` protocol for one action kind:
+``prepare`` looks without touching and returns what a crash-safe undo needs, ``apply``
+does the work and returns the effector's own record, ``undo`` reverses a record (also
+one that only got as far as ``prepare``), ``notify`` runs a one-off action. Records
+are JSON-ready dicts: they live in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hotrelay.core.containers import ContainerRef, IdMap, IdRange, Runtime
+from hotrelay.core.device_access import DeviceRule, parse_devices_list
+from hotrelay.core.plan import GrantDevice, InjectUevent, MakeNode, MakeSymlink, MoveNetdev
+from hotrelay.core.uevent import Uevent, Wire
+from hotrelay.daemon.executor import EffectorError
+from hotrelay.effectors.cgroups import DeviceGrants, GrantRecord
+from hotrelay.effectors.devnode import DeviceNodes, NodeRecord, SymlinkRecord
+from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
+from hotrelay.effectors.uevent_inject import UeventInjector
+from hotrelay.runtimes.names import resolve_owner_async
+
+__all__ = [
+    "CgroupEffector",
+    "InjectEffector",
+    "NetdevEffector",
+    "NodeEffector",
+    "SymlinkEffector",
+    "container_from_json",
+    "container_to_json",
+]
+
+log = logging.getLogger("hotrelay.effectors")
+
+Record = dict[str, Any]
+DEVICES_ROOT = Path("/sys/fs/cgroup/devices")
+
+
+def _already_allowed(cgroup: str | None, rule: DeviceRule, root: Path) -> bool | None:
+    """Whether v1 already allows ``rule`` in ``cgroup`` (None: no v1 layer there)."""
+    if cgroup is None:
+        return None
+    try:
+        listed = parse_devices_list((root / cgroup.lstrip("/") / "devices.list").read_text())
+    except (OSError, ValueError):
+        return None
+    return any(entry.allow and entry.covers(rule) for entry in listed)
+
+
+def _resolved(action: Any) -> ContainerRef:
+    """The action's container; the relay only plans actions for resolved containers."""
+    container = action.container
+    if not isinstance(container, ContainerRef):
+        raise EffectorError(f"{action.describe()}: {container} is not a running container")
+    return container
+
+
+class CgroupEffector:
+    """GrantDevice: the device cgroup grant on every layer the container has."""
+
+    def __init__(self, grants: DeviceGrants, *, devices_root: Path = DEVICES_ROOT) -> None:
+        self._grants = grants
+        self._devices_root = devices_root
+
+    def prepare(self, action: GrantDevice) -> Record:
+        cgroup = _resolved(action).devices_cgroup
+        # Recorded before the grant: if we crash before the grant's own record reaches
+        # the ledger, the undo must know whether the container had this access already.
+        return {
+            "pending": True,
+            "rule": action.device.render(),
+            "devices_cgroup": cgroup,
+            "already_allowed": _already_allowed(cgroup, action.device, self._devices_root),
+        }
+
+    async def apply(self, action: GrantDevice, record: Record) -> Record:
+        await trio.lowlevel.checkpoint()
+        return {"grant": self._grants.grant(_resolved(action), action.device).to_json()}
+
+    async def undo(self, record: Record) -> None:
+        await trio.lowlevel.checkpoint()
+        if "grant" in record:
+            self._grants.revoke(GrantRecord.from_json(record["grant"]))
+            return
+        # Only prepared: the grant may have half-happened. On v1 a deny of exactly
+        # this rule takes back whatever we might have added; the kernel checks both
+        # layers, so on hybrid hosts a v1 deny closes the device whatever v2 says.
+        cgroup = record.get("devices_cgroup")
+        if cgroup is None or record.get("already_allowed") is not False:
+            return
+        path = self._devices_root / str(cgroup).lstrip("/") / "devices.deny"
+        try:
+            path.write_text(str(record["rule"]))
+        except FileNotFoundError:
+            return  # the cgroup is gone, and the access with it
+        log.warning("undid an unfinished grant of %s in %s", record["rule"], cgroup)
+
+    async def notify(self, action: Any) -> None:
+        raise EffectorError(f"{action.describe()}: not a one-off action")
+
+    def reconcile(self, records: list[Record]) -> tuple[list[Record], int, tuple[str, ...]]:
+        """Heal grants a runtime took away. Returns (updated records, heals, errors)."""
+        grants = [GrantRecord.from_json(r["grant"]) for r in records if "grant" in r]
+        result = self._grants.reconcile(grants)
+        return [{"grant": g.to_json()} for g in result.records], result.heals, result.errors
+
+
+# -- containers in records ------------------------------------------------------------
+
+
+def container_to_json(container: ContainerRef) -> Record:
+    """What an undo needs to find the container again (and to know it is the same one)."""
+    return {
+        "runtime": container.runtime.value,
+        "name": container.name,
+        "pid": container.pid,
+        "id": container.id,
+        "start_time": container.start_time,
+        "devices_cgroup": container.devices_cgroup,
+        "unified_cgroup": container.unified_cgroup,
+        "namespaces": dict(container.namespaces),
+        "uid_map": [[r.inside, r.outside, r.count] for r in container.uid_map.ranges],
+        "gid_map": [[r.inside, r.outside, r.count] for r in container.gid_map.ranges],
+        "host_network": container.host_network,
+        "privileged": container.privileged,
+    }
+
+
+def container_from_json(data: Record) -> ContainerRef:
+    return ContainerRef(
+        runtime=Runtime(data["runtime"]),
+        name=str(data["name"]),
+        pid=int(data["pid"]),
+        id=str(data.get("id", "")),
+        start_time=data.get("start_time"),
+        devices_cgroup=data.get("devices_cgroup"),
+        unified_cgroup=data.get("unified_cgroup"),
+        namespaces={str(k): int(v) for k, v in data.get("namespaces", {}).items()},
+        uid_map=IdMap(tuple(IdRange(*r) for r in data.get("uid_map", []))),
+        gid_map=IdMap(tuple(IdRange(*r) for r in data.get("gid_map", []))),
+        host_network=bool(data.get("host_network", False)),
+        privileged=bool(data.get("privileged", True)),
+    )
+
+
+def _alive(container: ContainerRef) -> bool:
+    """Is this the same process still (a reused pid has another start time)?"""
+    try:
+        stat = Path(f"/proc/{container.pid}/stat").read_text()
+    except OSError:
+        return False
+    start = int(stat.rpartition(")")[2].split()[19])
+    return container.start_time is None or start == container.start_time
+
+
+class _InContainer:
+    """Shared by the effectors that act inside a container's namespaces."""
+
+    def _prepared(self, action: Any) -> Record:
+        return {"pending": True, "container": container_to_json(_resolved(action))}
+
+    async def _target(self, record: Record) -> ContainerRef | None:
+        """The recorded container if it still runs; None means its namespaces died with it."""
+        await trio.lowlevel.checkpoint()
+        container = container_from_json(record["container"])
+        return container if _alive(container) else None
+
+    async def notify(self, action: Any) -> None:
+        raise EffectorError(f"{action.describe()}: not a one-off action")
+
+
+class NodeEffector(_InContainer):
+    """MakeNode: the device node in the container's /dev, with its owner and mode."""
+
+    def __init__(self, nodes: DeviceNodes) -> None:
+        self._nodes = nodes
+
+    def prepare(self, action: MakeNode) -> Record:
+        return self._prepared(action)
+
+    async def apply(self, action: MakeNode, record: Record) -> Record:
+        container = _resolved(action)
+        owner = await resolve_owner_async(container, user=action.owner, group=action.group)
+        node = await self._nodes.make_node(
+            container,
+            action.path,
+            type=action.type,
+            major=action.major,
+            minor=action.minor,
+            mode=action.mode,
+            uid=owner.uid,
+            gid=owner.gid,
+        )
+        return {"container": record["container"], "node": node.to_json()}
+
+    async def undo(self, record: Record) -> None:
+        container = await self._target(record)
+        if container is None or "node" not in record:
+            # Gone with the container's mount namespace, or never made: a pending
+            # MakeNode that did make its node is caught by the heal's stale-node check.
+            return
+        await self._nodes.remove_node(container, NodeRecord.from_json(record["node"]))
+
+
+class SymlinkEffector(_InContainer):
+    """MakeSymlink: a link such as /dev/serial/by-id/... to the node, in the container."""
+
+    def __init__(self, nodes: DeviceNodes) -> None:
+        self._nodes = nodes
+
+    def prepare(self, action: MakeSymlink) -> Record:
+        return self._prepared(action)
+
+    async def apply(self, action: MakeSymlink, record: Record) -> Record:
+        link = await self._nodes.make_symlink(_resolved(action), action.link, action.target)
+        return {"container": record["container"], "symlink": link.to_json()}
+
+    async def undo(self, record: Record) -> None:
+        container = await self._target(record)
+        if container is None or "symlink" not in record:
+            return
+        await self._nodes.remove_symlink(container, SymlinkRecord.from_json(record["symlink"]))
+
+
+class InjectEffector(_InContainer):
+    """InjectUevent: replay the event in the container's network namespace.
+
+    Its undo is the matching ``remove`` (the device leaves the container), sent the
+    same way, so listeners inside see the device go as they saw it come.
+    """
+
+    def __init__(self, injector: UeventInjector) -> None:
+        self._injector = injector
+
+    def prepare(self, action: InjectUevent) -> Record:
+        return {
+            **self._prepared(action),
+            "uevent": dict(action.uevent.properties),
+            "wire": None if action.wire is None else action.wire.value,
+        }
+
+    async def apply(self, action: InjectUevent, record: Record) -> Record:
+        sent = await self._injector.inject(_resolved(action), action.uevent, wire=action.wire)
+        return {**record, "pending": False, "sent": sent.to_json()}
+
+    async def undo(self, record: Record) -> None:
+        container = await self._target(record)
+        if container is None or record.get("pending", True):
+            return  # nobody inside heard the add (or nobody is left to hear the remove)
+        uevent = Uevent.from_properties(record["uevent"]).replace(ACTION="remove", SEQNUM=None)
+        wire = None if record.get("wire") is None else Wire(record["wire"])
+        await self._injector.inject(container, uevent, wire=wire)
+
+    async def notify(self, action: InjectUevent) -> None:
+        await self._injector.inject(_resolved(action), action.uevent, wire=action.wire)
+
+
+class NetdevEffector(_InContainer):
+    """MoveNetdev: the interface into the container's netns (renamed); undo brings it back."""
+
+    def __init__(self, mover: NetdevMover) -> None:
+        self._mover = mover
+
+    def prepare(self, action: MoveNetdev) -> Record:
+        return self._prepared(action)
+
+    async def apply(self, action: MoveNetdev, record: Record) -> Record:
+        moved = await self._mover.move_in(_resolved(action), action.ifname, action.new_name)
+        return {"container": record["container"], "moved": moved.to_json()}
+
+    async def undo(self, record: Record) -> None:
+        container = await self._target(record)
+        if container is None or "moved" not in record:
+            return  # a netns that dies hands physical interfaces back to the host itself
+        await self._mover.move_out(container, MovedNetdev.from_json(record["moved"]))

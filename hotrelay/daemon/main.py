@@ -1,0 +1,208 @@
+"""``hotrelay run``: builds the daemon from its config and runs it until SIGTERM.
+
+The wiring lives here and nowhere else: config -> logging -> effectors (cgroups, nodes,
+uevents, netdevs, sharing one pool of namespace helpers) -> runtime adapters -> the
+Daemon pump -> the control socket, sd_notify and metrics around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from hotrelay.control.server import ControlSettings, activation_socket, serve_control
+from hotrelay.core.config import Config, RuntimesConfig, load_config_text
+from hotrelay.core.containers import Runtime
+from hotrelay.core.rules import RuleSet
+from hotrelay.daemon.control_handler import DaemonControl, attached_rules_path
+from hotrelay.daemon.effectors import (
+    CgroupEffector,
+    InjectEffector,
+    NetdevEffector,
+    NodeEffector,
+    SymlinkEffector,
+)
+from hotrelay.daemon.executor import Effector
+from hotrelay.daemon.ledger import Ledger, LedgerEntry
+from hotrelay.daemon.logging_setup import setup_logging
+from hotrelay.daemon.metrics import DaemonMetrics, serve_metrics
+from hotrelay.daemon.pump import Daemon, DaemonOptions
+from hotrelay.daemon.sdnotify import Notifier, feed_watchdog, watchdog_interval
+from hotrelay.daemon.source import SourceKind
+from hotrelay.effectors.cgroups import DeviceGrants
+from hotrelay.effectors.devnode import DeviceNodes
+from hotrelay.effectors.netdev import NetdevMover
+from hotrelay.effectors.nshelper import NamespaceHelpers
+from hotrelay.effectors.uevent_inject import UeventInjector
+from hotrelay.errors import HotrelayError, NotRootError
+from hotrelay.rules_files import load_rules
+from hotrelay.runtimes import (
+    Adapter,
+    CgroupAdapter,
+    DockerAdapter,
+    IncusAdapter,
+    LxcAdapter,
+    LxdAdapter,
+    NspawnAdapter,
+    OciAdapter,
+    PidAdapter,
+    PodmanAdapter,
+)
+
+__all__ = ["RunOptions", "build_adapters", "load_config", "run_daemon"]
+
+log = logging.getLogger("hotrelay")
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What the command line may override in the config file."""
+
+    config: Path = Path("/etc/hotrelay/hotrelay.toml")
+    rules_dir: Path | None = None
+    state_dir: Path | None = None
+    socket: Path | None = None
+    source: str | None = None
+    revoke_on_exit: bool | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+def load_config(path: Path) -> Config:
+    """The config file (all defaults when it does not exist); errors name path:line:key."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise HotrelayError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return load_config_text(text, str(path))
+
+
+def build_adapters(config: RuntimesConfig) -> list[Adapter]:
+    """One adapter per enabled runtime, looking where the config says. pid: and cgroup:
+    targets are always watched: the rules say which ones."""
+    factories: dict[Runtime, Callable[[], Adapter]] = {
+        Runtime.LXC: lambda: LxcAdapter(config.lxc_paths),
+        Runtime.LXD: lambda: LxdAdapter([config.lxd_socket]),
+        Runtime.INCUS: lambda: IncusAdapter([config.incus_socket]),
+        Runtime.DOCKER: lambda: DockerAdapter(config.docker_socket),
+        Runtime.PODMAN: lambda: PodmanAdapter(config.podman_socket, runc_roots=config.runc_roots),
+        Runtime.RUNC: lambda: OciAdapter(config.runc_roots),
+        Runtime.NSPAWN: lambda: NspawnAdapter(config.nspawn_machines_dir),
+    }
+    adapters: list[Adapter] = [factories[r]() for r in config.enabled if r in factories]
+    return [*adapters, PidAdapter(), CgroupAdapter()]
+
+
+def _rules_loader(rules_dir: Path, state_dir: Path) -> RuleSet:
+    """The rule files plus the manual attaches kept in the state dir."""
+    attached = attached_rules_path(state_dir)
+    paths = [rules_dir, attached] if attached.exists() else [rules_dir]
+    return load_rules(paths)
+
+
+def _heal_grants(cgroups: CgroupEffector, ledger: Ledger) -> int:
+    """Re-apply device-cgroup grants a runtime took away (``runc update``, daemon-reload)."""
+    entries = [e for e in ledger.entries() if e.kind == "binding" and e.record.get("complete")]
+    steps = [
+        (entry, step)
+        for entry in entries
+        for step in entry.record.get("steps", [])
+        if step.get("kind") == "GrantDevice" and "grant" in step.get("record", {})
+    ]
+    if not steps:
+        return 0
+    records, heals, errors = cgroups.reconcile([step["record"] for _, step in steps])
+    for error in errors:
+        log.error("heal: %s", error)
+    if heals:
+        changed: dict[str, LedgerEntry] = {}
+        for (entry, step), record in zip(steps, records, strict=True):
+            step["record"] = record
+            changed[entry.key] = entry
+        for entry in changed.values():
+            ledger.put(entry)
+    return heals
+
+
+async def run_daemon(options: RunOptions) -> int:
+    if os.geteuid() != 0:
+        raise NotRootError("run: the daemon needs root (netlink, cgroups, namespaces)")
+    config = load_config(options.config)
+    setup_logging(options.log_level or config.log_level, options.log_format or config.log_format)
+    state_dir = options.state_dir or Path(config.state_dir)
+    rules_dir = options.rules_dir or Path(config.rules_dir)
+    daemon_options = DaemonOptions(
+        rules_dir=rules_dir,
+        state_dir=state_dir,
+        source=SourceKind(options.source or config.source),
+        rcvbuf=config.rcvbuf,
+        heal_interval=config.heal_interval,
+        revoke_on_exit=(
+            config.revoke_on_exit if options.revoke_on_exit is None else options.revoke_on_exit
+        ),
+    )
+    settings = ControlSettings.from_config(config)
+    if options.socket is not None:
+        settings = ControlSettings(options.socket, settings.group)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    notifier = Notifier.from_environment()
+    metrics = DaemonMetrics()
+    helpers = NamespaceHelpers()
+    grants = DeviceGrants()
+    nodes = DeviceNodes(helpers, nodes_dir=state_dir / "nodes")
+    cgroups = CgroupEffector(grants)
+    effectors: dict[str, Effector] = {
+        "GrantDevice": cgroups,
+        "MakeNode": NodeEffector(nodes),
+        "MakeSymlink": SymlinkEffector(nodes),
+        "InjectUevent": InjectEffector(UeventInjector(helpers)),
+        "MoveNetdev": NetdevEffector(NetdevMover(helpers)),
+    }
+    daemon = Daemon(
+        daemon_options,
+        effectors=effectors,
+        runtimes=build_adapters(config.runtimes),
+        load_rules=partial(_rules_loader, rules_dir, state_dir),
+        heal=partial(_heal_grants, cgroups),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            handler = DaemonControl(daemon, nursery)
+            await nursery.start(
+                partial(serve_control, handler, settings, listener=activation_socket())
+            )
+            if config.metrics is not None:
+                await nursery.start(
+                    serve_metrics, metrics.registry, config.metrics.host, config.metrics.port
+                )
+            interval = watchdog_interval()
+            if interval:
+                await nursery.start(feed_watchdog, notifier, interval)
+            notifier.ready(f"relaying with {len(daemon.relay.rules)} rules")
+            log.info("hotrelay: ready; control socket %s", settings.path)
+            await _wait_for_stop_signal()
+            notifier.stopping()
+            log.info("hotrelay: stopping")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await helpers.aclose()
+        grants.close()
+    return 0
+
+
+async def _wait_for_stop_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return

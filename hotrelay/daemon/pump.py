@@ -1,0 +1,378 @@
+"""The daemon's pump: inputs into the relay, jobs out to the executor.
+
+One task owns the Relay. Everything else -- the event source, the runtime watchers,
+the executor's results, the heal ticker, signals and the control socket -- talks to it
+through one channel of inputs, so the relay needs no locks and sees inputs in order.
+
+Start-up order is what makes coldplug race-free: subscribe to uevents first, read the
+ledger, list the running containers, note the kernel's uevent sequence number, then
+enumerate devices. An event already reflected in the enumeration (sequence number at or
+below the one noted) is dropped as a duplicate; one after it is applied on top. The
+same resync runs after an overflow and after a rules reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from hotrelay.control.server import Broadcaster
+from hotrelay.core.containers import ContainerEvent, ContainerStarted, ContainerStopped, Runtime
+from hotrelay.core.relay import ApplyJob, BindingKey, Job, Relay, UndoJob
+from hotrelay.core.rules import DeviceView, RuleSet
+from hotrelay.core.uevent import Uevent, Wire
+from hotrelay.daemon.coldplug import enumerate_devices
+from hotrelay.daemon.executor import Effector, Executor, JobResult, restore_applied
+from hotrelay.daemon.ledger import Ledger
+from hotrelay.daemon.source import EventSource, Overflow, SourceItem, SourceKind
+from hotrelay.errors import HotrelayError
+from hotrelay.runtimes import Adapter
+from hotrelay.sysfs import SysfsDevice
+
+__all__ = ["Daemon", "DaemonOptions"]
+
+log = logging.getLogger("hotrelay")
+
+SYSFS = Path("/sys")
+UEVENT_SEQNUM = SYSFS / "kernel" / "uevent_seqnum"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    rules_dir: Path = Path("/etc/hotrelay/rules.d")
+    state_dir: Path = Path("/run/hotrelay")
+    source: SourceKind = SourceKind.AUTO
+    rcvbuf: int = 64 * 1024 * 1024
+    heal_interval: float = 5.0
+    revoke_on_exit: bool = False
+    exit_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Reload:
+    reason: str
+    done: trio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Resync:
+    reason: str
+
+
+_Input = Sequence[SourceItem] | ContainerEvent | JobResult | _Tick | _Reload | _Resync
+
+
+@dataclass(slots=True)
+class DaemonStats:
+    started: float = field(default_factory=time.time)
+    duplicates: int = 0
+    reloads: int = 0
+    reload_errors: int = 0
+    last_reload_error: str | None = None
+    overflows: int = 0
+    heals: int = 0
+
+
+class Daemon:
+    """The relay daemon. ``await nursery.start(daemon.run)`` returns once coldplug is done."""
+
+    def __init__(
+        self,
+        options: DaemonOptions,
+        *,
+        effectors: Mapping[str, Effector],
+        runtimes: Sequence[Adapter],
+        load_rules: Callable[[], RuleSet],
+        heal: Callable[[Ledger], int] | None = None,
+    ) -> None:
+        self.options = options
+        self.stats = DaemonStats()
+        self._effectors = effectors
+        self._runtimes = runtimes
+        self._load_rules = load_rules
+        self._heal_pass = heal
+        self.feed = Broadcaster()
+        self.applied_since: dict[BindingKey, float] = {}
+        self._send, self._receive = trio.open_memory_channel[_Input](4096)
+        self._seqnum_floor = 0
+        self.relay = Relay()
+        self.source: EventSource | None = None
+        self.ledger: Ledger | None = None
+        self.executor: Executor | None = None
+        self._settled = trio.Event()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        options = self.options
+        rules = await trio.to_thread.run_sync(self._load_rules)
+        with (
+            EventSource(options.source, rcvbuf=options.rcvbuf) as source,
+            Ledger(options.state_dir / "ledger") as ledger,
+        ):
+            self.source, self.ledger = source, ledger
+            self.relay = Relay(rules)
+            self.relay.restore(restore_applied(ledger))
+            executor = self.executor = Executor(ledger, self._effectors, self._send.send)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(executor.run)
+                source_send, source_receive = trio.open_memory_channel[Sequence[SourceItem]](256)
+                await nursery.start(source.run, source_send)
+                nursery.start_soon(self._forward, source_receive)
+                # Unbounded: a watcher reports every running container before it says
+                # it started, and nothing reads these until they are all reported.
+                changes_send, changes_receive = trio.open_memory_channel[ContainerEvent](math.inf)
+                self._follow_targets(rules)
+                for runtime in self._runtimes:
+                    await nursery.start(runtime.watch, changes_send.clone())
+                await self._coldplug(changes_receive)
+                nursery.start_soon(self._forward, changes_receive)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._ticker)
+                log.info(
+                    "hotrelay: %d rules, %d containers, %d devices relayed, source %s",
+                    len(rules),
+                    len(self.relay.containers),
+                    len(self.relay.desired),
+                    source.kind.value,
+                )
+                task_status.started(self)
+                try:
+                    await self._pump()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._shutdown()
+                    nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        if not self.options.revoke_on_exit:
+            return
+        # Revoke everything: with no containers, nothing is desired.
+        self.relay.resync_containers([])
+        with trio.move_on_after(self.options.exit_timeout):
+            self._dispatch(self.relay.next_jobs())
+            while not self.relay.is_settled():
+                item = await self._receive.receive()
+                if isinstance(item, JobResult):
+                    self.relay.job_done(item.job, error=item.error, leftover=item.leftover)
+                    self._dispatch(self.relay.next_jobs())
+        if not self.relay.is_settled():
+            log.error("revoke-on-exit: %d bindings not revoked in time", len(self.relay.applied))
+
+    async def _forward(self, receive: trio.MemoryReceiveChannel[_Input]) -> None:
+        async for item in receive:
+            await self._send.send(item)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                await self._send.send(_Reload("SIGHUP"))
+
+    async def _ticker(self) -> None:
+        interval = self.options.heal_interval
+        if not math.isfinite(interval) or interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            await self._send.send(_Tick(trio.current_time()))
+
+    # -- requests from outside -------------------------------------------------------
+
+    async def reload(self, reason: str = "request") -> None:
+        done = trio.Event()
+        await self._send.send(_Reload(reason, done))
+        await done.wait()
+
+    async def wait_settled(self) -> None:
+        """Until nothing is in flight and every desired binding is applied (tests, CLI)."""
+        while not self.relay.is_settled():
+            self._settled = trio.Event()
+            await self._settled.wait()
+
+    # -- the pump ----------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        relay = self.relay
+        # What coldplug and the ledger left to do is planned before any new input.
+        self._dispatch(relay.next_jobs())
+        while True:
+            item = await self._receive.receive()
+            await self._handle(item)
+            # Take everything already queued before planning: a burst plans once.
+            while True:
+                try:
+                    item = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                await self._handle(item)
+            self._dispatch(relay.next_jobs())
+            if relay.is_settled():
+                self._settled.set()
+
+    async def _handle(self, item: _Input) -> None:
+        relay = self.relay
+        if isinstance(item, JobResult):
+            self._log_result(item)
+            relay.job_done(item.job, error=item.error, leftover=item.leftover)
+            key = item.job.key
+            if item.error is None and isinstance(item.job, ApplyJob):
+                self.applied_since[key] = time.time()
+            elif key not in relay.applied:
+                self.applied_since.pop(key, None)
+        elif isinstance(item, ContainerStarted | ContainerStopped):
+            self._container_event(item)
+        elif isinstance(item, _Tick):
+            relay.tick(item.now)
+            if self._heal_pass is not None and self.ledger is not None:
+                # In this thread: the effectors' state is not for sharing with a worker.
+                self.stats.heals += self._heal_pass(self.ledger)
+        elif isinstance(item, _Reload):
+            await self._reload(item)
+        elif isinstance(item, _Resync):
+            await self._resync_devices(item.reason)
+        else:
+            await self._events(item)
+
+    async def _events(self, batch: Sequence[SourceItem]) -> None:
+        floor = self._seqnum_floor
+        for item in batch:
+            if isinstance(item, Overflow):
+                self.stats.overflows += 1
+                log.warning("uevent overflow: the kernel dropped events; resynchronising")
+                await self._resync_devices("overflow")
+                floor = self._seqnum_floor
+                continue
+            if item.seqnum is not None and item.seqnum <= floor:
+                self.stats.duplicates += 1  # already part of the last enumeration
+                continue
+            self.relay.device_event(item, _view(item))
+            if self.feed.subscribers:
+                self.feed.publish(
+                    {"type": "uevent", "action": item.action, "devpath": item.devpath,
+                     "subsystem": item.subsystem, "seqnum": item.seqnum}
+                )  # fmt: skip
+
+    async def _reload(self, request: _Reload) -> None:
+        self.stats.reloads += 1
+        try:
+            rules = await trio.to_thread.run_sync(self._load_rules)
+        except HotrelayError as exc:
+            self.stats.reload_errors += 1
+            self.stats.last_reload_error = str(exc)
+            log.error("reload (%s) refused, keeping the current rules:\n%s", request.reason, exc)
+        else:
+            log.info("reload (%s): %d rules", request.reason, len(rules))
+            for adapter in self._follow_targets(rules):
+                await adapter.resync()  # its watcher reports newly named containers
+            self.relay.replace_rules(rules)
+            self.relay.retry_everything()
+            await self._resync_devices("reload")
+        if request.done is not None:
+            request.done.set()
+
+    # -- coldplug ----------------------------------------------------------------------
+
+    async def _coldplug(self, changes: trio.MemoryReceiveChannel[ContainerEvent]) -> None:
+        """Containers first (what the watchers reported), then every present device."""
+        while True:
+            try:
+                self._container_event(changes.receive_nowait())
+            except trio.WouldBlock:
+                break
+        await self._resync_devices("start")
+
+    def _follow_targets(self, rules: RuleSet) -> list[Adapter]:
+        """pid: and cgroup: targets are watched because a rule names them; the adapters
+        that follow targets are returned (after a reload they list again)."""
+        following = []
+        for adapter in self._runtimes:
+            follow = getattr(adapter, "follow", None)
+            if follow is None:
+                continue
+            following.append(adapter)
+            for rule in rules:
+                for target in rule.targets:
+                    if target.runtime is adapter.runtime:
+                        follow(target.pattern)
+        return following
+
+    async def refresh_container(self, runtime: Runtime, name: str) -> None:
+        """Someone (the LXC hook) says a container changed: list that runtime again."""
+        for adapter in self._runtimes:
+            if adapter.runtime is runtime:
+                # A running watcher reports what changed through its own channel.
+                await adapter.resync()
+
+    def _container_event(self, event: ContainerEvent) -> None:
+        ref = event.container
+        if isinstance(event, ContainerStarted):
+            log.info("container %s started (pid %d)", ref.target, ref.pid)
+            self.relay.container_started(ref)
+        else:
+            log.info("container %s stopped (%s)", ref.target, event.reason)
+            current = self.relay.containers.get(ref.key)
+            if current is not None and current.pid == ref.pid:
+                self.relay.container_stopped(ref.runtime, ref.name)
+        self.feed.publish(
+            {"type": "container", "container": ref.target, "pid": ref.pid,
+             "state": "started" if isinstance(event, ContainerStarted) else "stopped"}
+        )  # fmt: skip
+
+    async def _resync_devices(self, reason: str) -> None:
+        wire = (
+            Wire.UDEV
+            if self.source is not None and self.source.kind is SourceKind.UDEV
+            else Wire.KERNEL
+        )
+        floor, devices = await trio.to_thread.run_sync(_snapshot, wire)
+        self._seqnum_floor = max(self._seqnum_floor, floor)
+        self.relay.resync_devices(devices)
+        log.info("resync (%s): %d devices present", reason, len(devices))
+
+    # -- results -----------------------------------------------------------------------
+
+    def _dispatch(self, jobs: Iterable[Job]) -> None:
+        assert self.executor is not None
+        for job in jobs:
+            self.executor.submit(job)
+
+    def _log_result(self, result: JobResult) -> None:
+        job = result.job
+        ms = result.seconds * 1000
+        self.feed.publish(
+            {"type": "action", "job": job.describe(), "outcome": "ok" if result.error is None
+             else "failed", "error": result.error, "ms": round(ms, 3)}
+        )  # fmt: skip
+        if result.error is None:
+            if isinstance(job, ApplyJob | UndoJob):
+                log.info("%s: ok (%.1f ms)", job.describe(), ms)
+        else:
+            leftover = " (partly applied; will undo)" if result.leftover else ""
+            log.error("%s: failed%s: %s", job.describe(), leftover, result.error)
+
+
+def _view(uevent: Uevent) -> DeviceView | None:
+    if uevent.action == "remove":
+        return None  # gone from sysfs; matching uses what was recorded at add
+    return SysfsDevice(SYSFS / uevent.devpath.lstrip("/"))
+
+
+def _snapshot(wire: Wire) -> tuple[int, list[tuple[Uevent, DeviceView | None]]]:
+    """(kernel uevent seqnum before the walk, every device now present)."""
+    floor = int(UEVENT_SEQNUM.read_text())
+    devices: list[tuple[Uevent, DeviceView | None]] = [
+        (uevent, _view(uevent)) for uevent in enumerate_devices(wire=wire)
+    ]
+    return floor, devices
