@@ -56,11 +56,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import trio
-
     from hotrelay.demo import run_demo
 
-    return trio.run(run_demo, sys.stdout)
+    return run_demo(sys.stdout)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -196,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser(
         "demo",
-        help="hotplug a zram device and a veth pair and show what hotrelay hears (root)",
+        help="the whole flow on a throwaway container: hotplug a disk and a NIC into it (root)",
     )
     demo.set_defaults(func=_demo)
     _add_rule_verbs(verbs)

@@ -1,32 +1,52 @@
-"""``hotrelay demo``: real hotplug next to a throwaway container, narrated.
+"""``hotrelay demo``: the whole flow, on a throwaway container, narrated.
 
-It starts a namespace container (its own mount, pid and net namespaces, a tmpfs /dev
-and a default-deny device cgroup), hotplugs a zram disk and a veth pair on the host,
-sends a forged uevent, and shows what hotrelay's trusted event source makes of each.
-Everything it creates is removed before it returns, also on failure or Ctrl-C.
+It starts a user-namespaced container (its own mount, pid, net and user namespaces,
+root mapped to host uid 100000, a tmpfs /dev, a default-deny device cgroup) and the
+real ``hotrelay run`` daemon with a built-in rule; hotplugs a zram disk and a veth
+pair on the host; shows them arrive inside the container (the node with its owner and
+mode, the uevent heard inside, the interface under its new name, and the timing);
+unplugs them and shows them leave; and removes everything it made, also on failure.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TextIO
 
-import trio
-
-from hotrelay.core.uevent import Uevent, serialize
-from hotrelay.daemon.source import EventSource, SourceItem, SourceKind
 from hotrelay.errors import HotrelayError, NotRootError
-from hotrelay.kernel import netlink
-from hotrelay.testing.hotplug import VethPair, ZramDevice, write_synthetic_uevent
-from hotrelay.testing.inside import open_inside
-from hotrelay.testing.sandbox import Sandbox
+from hotrelay.testing.daemon import RunningDaemon, eventually
+from hotrelay.testing.hotplug import VethPair, ZramDevice
+from hotrelay.testing.inside import UeventListener, UeventMessage, open_inside, stat_inside
+from hotrelay.testing.sandbox import IdMap, Sandbox
 
-__all__ = ["run_demo"]
+__all__ = ["DEMO_RULES", "run_demo"]
+
+DEMO_RULES = """\
+# The demo's built-in rules: every zram disk, and one end (…a) of veth pairs named
+# hrdemo*, go into the demo container.
+[[rule]]
+name = "demo-disks"
+target = ["pid:{pid}"]
+[rule.match]
+subsystem = "block"
+kernel = "zram*"
+[rule.device]
+path = "/dev/demo/{{kernel}}"
+mode = "0660"
+group = "disk"
+
+[[rule]]
+name = "demo-nic"
+target = ["pid:{pid}"]
+[rule.match]
+subsystem = "net"
+kernel = "hrdemo*a"
+[rule.netdev]
+name = "demo0"
+"""
 
 WAIT = 5.0
 
@@ -35,112 +55,113 @@ class DemoError(HotrelayError):
     pass
 
 
-class _Heard:
-    """Trusted events from the running source, with leftovers kept between waits."""
-
-    def __init__(self, channel: trio.MemoryReceiveChannel[Sequence[SourceItem]]) -> None:
-        self._channel = channel
-        self._pending: deque[SourceItem] = deque()
-
-    async def wait_for(self, what: str, predicate: Callable[[Uevent], bool]) -> Uevent:
-        with trio.move_on_after(WAIT):
-            while True:
-                while not self._pending:
-                    self._pending.extend(await self._channel.receive())
-                item = self._pending.popleft()
-                if isinstance(item, Uevent) and predicate(item):
-                    return item
-        raise DemoError(f"demo: no {what} uevent within {WAIT:.0f} s")
+def _ms(since: float) -> str:
+    return f"{(time.perf_counter() - since) * 1000:.1f} ms"
 
 
-def _show(out: TextIO, event: Uevent, since: float) -> None:
-    ms = (time.perf_counter() - since) * 1000
-    devnum = f" {event.major}:{event.minor}" if event.devnum else ""
-    out.write(
-        f"    heard  {event.action:<6} {event.devpath} ({event.subsystem}{devnum}) "
-        f"seqnum {event.seqnum}, {ms:.1f} ms after the plug\n"
-    )
+def _wait(what: str, probe: object) -> None:
+    try:
+        eventually(probe, timeout=WAIT)  # type: ignore[arg-type]
+    except TimeoutError:
+        raise DemoError(f"demo: {what} within {WAIT:.0f} s") from None
 
 
-async def _demo(out: TextIO, source: EventSource, heard: _Heard, sandbox: Sandbox) -> None:
-    out.write(
-        f"container: pid {sandbox.pid}, own mount/pid/net namespaces, tmpfs /dev, "
-        f"device cgroup {sandbox.devices_cgroup}\n"
-    )
+def _heard(listener: UeventListener, devpath: str, action: str) -> UeventMessage:
+    def about(message: UeventMessage) -> bool:
+        env = message.env
+        return env.get("DEVPATH") == devpath and env.get("ACTION") == action and "DEVNAME" in env
 
-    out.write("\n1. hotplug a zram disk on the host\n")
-    zram = ZramDevice()
+    try:
+        return listener.wait_for(about, timeout=WAIT)
+    except TimeoutError:
+        raise DemoError(f"demo: the container heard no {action} uevent for {devpath}") from None
+
+
+def _link_inside(container: Sandbox, name: str) -> bool:
+    result = container.run(["ip", "-o", "link", "show", name], check=False)
+    return result.returncode == 0
+
+
+def _disk(out: TextIO, container: Sandbox, listener: UeventListener) -> None:
+    out.write("\n1. plug a disk into the host: a zram device\n")
     start = time.perf_counter()
-    with zram:
-        out.write(f"    plugged {zram.devnode} ({zram.major}:{zram.minor})\n")
-        added = await heard.wait_for("zram add", lambda e: e.devpath == zram.devpath)
-        _show(out, added, start)
-        err = await trio.to_thread.run_sync(open_inside, sandbox, str(zram.devnode))
+    with ZramDevice() as zram:
+        path = f"/dev/demo/{zram.name}"
+        _wait(
+            f"{path} did not become usable inside the container",
+            lambda: open_inside(container, path, read=4096) == 0,
+        )
+        usable = _ms(start)
+        info = stat_inside(container, path)
+        heard = _heard(listener, zram.devpath, "add")
         out.write(
-            f"    inside the container: open({zram.devnode}) -> "
-            f"{errno.errorcode.get(err, 'ok') if err else 'ok'}"
-            f"{' (no node, and the device cgroup denies it)' if err else ''}\n"
+            f"   host:   {zram.devnode} ({zram.major}:{zram.minor}) appeared\n"
+            f"   inside: {path} usable (read 4096 bytes) {usable} after the plug\n"
+            f"           {stat.filemode(info.st_mode)} uid {info.st_uid} gid {info.st_gid} "
+            '("disk" in the container, whose root is host uid 100000)\n'
+            f"           heard: {heard.header} DEVNAME={heard.env.get('DEVNAME')} "
+            f"from port {heard.port} (the kernel)\n"
         )
         start = time.perf_counter()
-    removed = await heard.wait_for(
-        "zram remove", lambda e: e.action == "remove" and e.devpath == added.devpath
+    _wait(
+        f"{path} was not removed inside the container",
+        lambda: open_inside(container, path) == errno.ENOENT,
     )
-    _show(out, removed, start)
+    _heard(listener, zram.devpath, "remove")
+    out.write(f"   unplugged: gone inside {_ms(start)} later, remove uevent heard\n")
 
-    out.write("\n2. hotplug a veth pair on the host\n")
+
+def _nic(out: TextIO, container: Sandbox) -> None:
+    out.write("\n2. plug a network interface into the host: a veth pair\n")
     start = time.perf_counter()
-    with VethPair() as veth:
-        out.write(f"    plugged {veth.name} <-> {veth.peer_name}\n")
-        pending = {veth.name, veth.peer_name}
-        while pending:  # the kernel announces the two ends in either order
-            event = await heard.wait_for(
-                "veth add", lambda e: e.subsystem == "net" and e.sysname in pending
-            )
-            pending.discard(event.sysname)
-            _show(out, event, start)
-
-        out.write("\n3. a forged uevent, sent by a process to the kernel's group\n")
-        forged = Uevent.from_properties(
-            {"ACTION": "add", "DEVPATH": "/devices/virtual/block/forged", "SUBSYSTEM": "block"}
+    with VethPair(prefix="hrdemo") as veth:
+        _wait("demo0 did not appear inside the container", lambda: _link_inside(container, "demo0"))
+        moved = _ms(start)
+        gone_from_host = not os.path.exists(f"/sys/class/net/{veth.name}") or not os.path.exists(
+            f"/sys/class/net/{veth.peer_name}"
         )
-        before = source.stats.dropped_untrusted
-        with netlink.open_uevent_socket(0, nonblocking=False, passcred=False) as sock:
-            sock.sendto(serialize(forged), (0, netlink.KERNEL_GROUP))
-        # A genuine event sent after the forgery arrives after it, so once we hear it
-        # the forgery has been judged.
-        write_synthetic_uevent(Path("/sys/class/net", veth.name), "change", args={"DEMO": "1"})
-        event = await heard.wait_for(
-            "genuine",
-            lambda e: e.devpath == forged.devpath or e.get("SYNTH_ARG_DEMO") == "1",
+        out.write(
+            f"   host:   {veth.name} <-> {veth.peer_name} appeared\n"
+            f"   inside: one end is now demo0, {moved} after the plug"
+            f"{' (and gone from the host)' if gone_from_host else ''}\n"
         )
-        if event.devpath == forged.devpath or source.stats.dropped_untrusted == before:
-            raise DemoError("demo: the forged uevent was not dropped")
-        out.write(f"    dropped: {source.stats.last_drop}\n")
+        start = time.perf_counter()
+    _wait("demo0 did not leave the container", lambda: not _link_inside(container, "demo0"))
+    out.write(f"   unplugged: demo0 gone inside {_ms(start)} later\n")
 
 
-async def run_demo(out: TextIO) -> int:
+def run_demo(out: TextIO) -> int:
     if os.geteuid() != 0:
         raise NotRootError("demo: run as root (it creates namespaces, cgroups and devices)")
     out.write(
-        "hotrelay demo: the trusted event source next to a throwaway container.\n"
-        "(Relaying into the container - cgroup grant, node, uevent - is not built yet;\n"
-        " this shows what hotrelay hears and what it refuses.)\n\n"
+        "hotrelay demo: hotplug into a running, user-namespaced container.\n"
+        "Everything made here (container, daemon, devices) is removed at the end.\n"
     )
-    with EventSource(SourceKind.AUTO) as source:
-        out.write(f"listening to {source.kind.value} uevents, buffer {source.rcvbuf} bytes\n")
-        sandbox = await trio.to_thread.run_sync(lambda: Sandbox.create(name_prefix="demo"))
-        try:
-            send, receive = trio.open_memory_channel[Sequence[SourceItem]](1024)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(source.run, send)
-                await _demo(out, source, _Heard(receive), sandbox)
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(sandbox.close)
-        stats = source.stats
+    container = Sandbox.create(userns=IdMap(0, 100000, 65536), name_prefix="demo")
+    try:
         out.write(
-            f"\nsummary: {stats.accepted} trusted uevents, {stats.dropped_untrusted} untrusted "
-            f"dropped, {stats.overflows} overflows; container, zram and veth removed.\n"
+            f"\ncontainer: pid {container.pid}; root is host uid 100000; own mount, pid, net, "
+            f"user namespaces;\n           tmpfs /dev; default-deny device cgroup "
+            f"{container.devices_cgroup}\n"
         )
+        rules = {"demo.toml": DEMO_RULES.format(pid=container.pid)}
+        with RunningDaemon(rules, echo_log=False) as daemon:
+            pid = daemon.process.pid if daemon.process else "?"
+            out.write(f"daemon:    hotrelay run (pid {pid}), control socket {daemon.socket}\n")
+            listener = UeventListener.start(container, group=1)
+            try:
+                _disk(out, container, listener)
+                _nic(out, container)
+            finally:
+                listener.close()
+            status = daemon.status()
+            counters = status.get("counters", {})
+            out.write(
+                f"\ndaemon counters: {counters.get('source_accepted', '?')} uevents heard, "
+                f"{counters.get('applied', '?')} bindings applied, "
+                f"{counters.get('undone', '?')} undone, {counters.get('failures', '?')} failures\n"
+            )
+    finally:
+        container.close()
+    out.write("cleaned up: container, daemon, zram device and veth pair are gone.\n")
     return 0

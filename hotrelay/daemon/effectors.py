@@ -23,6 +23,7 @@ from hotrelay.daemon.executor import EffectorError
 from hotrelay.effectors.cgroups import DeviceGrants, GrantRecord
 from hotrelay.effectors.devnode import DeviceNodes, NodeRecord, SymlinkRecord
 from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
+from hotrelay.effectors.nshelper import NamespaceHelpers
 from hotrelay.effectors.uevent_inject import UeventInjector
 from hotrelay.runtimes.names import resolve_owner_async
 
@@ -149,6 +150,12 @@ def container_from_json(data: Record) -> ContainerRef:
     )
 
 
+def _with_dirs(node: NodeRecord, dirs: tuple[str, ...]) -> Record:
+    data = node.to_json()
+    data["created_dirs"] = list(dirs)
+    return data
+
+
 def _alive(container: ContainerRef) -> bool:
     """Is this the same process still (a reused pid has another start time)?"""
     try:
@@ -178,8 +185,38 @@ class _InContainer:
 class NodeEffector(_InContainer):
     """MakeNode: the device node in the container's /dev, with its owner and mode."""
 
-    def __init__(self, nodes: DeviceNodes) -> None:
+    def __init__(self, nodes: DeviceNodes, helpers: NamespaceHelpers) -> None:
         self._nodes = nodes
+        self._helpers = helpers
+
+    async def heal(self, record: Record) -> Record | None:
+        """Make the node again if the container deleted it; the new record, or None.
+
+        A path that exists is left alone, even if it is no longer our node: the
+        container put something there, and we never overwrite what we did not make.
+        """
+        container = await self._target(record)
+        if container is None or "node" not in record:
+            return None
+        node = NodeRecord.from_json(record["node"])
+        helper = await self._helpers.get(container)
+        if await helper.exists(node.path):
+            return None
+        again = await self._nodes.make_node(
+            container,
+            node.path,
+            type=node.type,
+            major=node.major,
+            minor=node.minor,
+            mode=node.mode,
+            uid=node.uid,
+            gid=node.gid,
+            method=node.method,
+        )
+        # Directories made the first time stay ours to remove, with any made now.
+        dirs = tuple(dict.fromkeys((*node.created_dirs, *again.created_dirs)))
+        log.warning("healed %s in %s: the container had deleted it", node.path, container.target)
+        return {"container": record["container"], "node": _with_dirs(again, dirs)}
 
     def prepare(self, action: MakeNode) -> Record:
         return self._prepared(action)

@@ -129,6 +129,10 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LOG_LEVELS[level])
+    # Libraries' debug output (every netlink message pyroute2 parses, asyncio's
+    # selector) would drown ours at --log-level debug; their warnings still show.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(LOG_LEVELS[level], logging.INFO))
     return handler
 
 

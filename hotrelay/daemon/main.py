@@ -20,6 +20,7 @@ import trio
 from hotrelay.control.server import ControlSettings, activation_socket, serve_control
 from hotrelay.core.config import Config, RuntimesConfig, load_config_text
 from hotrelay.core.containers import Runtime
+from hotrelay.core.relay import BindingKey
 from hotrelay.core.rules import RuleSet
 from hotrelay.daemon.control_handler import DaemonControl, attached_rules_path
 from hotrelay.daemon.effectors import (
@@ -29,7 +30,7 @@ from hotrelay.daemon.effectors import (
     NodeEffector,
     SymlinkEffector,
 )
-from hotrelay.daemon.executor import Effector
+from hotrelay.daemon.executor import Effector, key_from_record
 from hotrelay.daemon.ledger import Ledger, LedgerEntry
 from hotrelay.daemon.logging_setup import setup_logging
 from hotrelay.daemon.metrics import DaemonMetrics, serve_metrics
@@ -109,27 +110,56 @@ def _rules_loader(rules_dir: Path, state_dir: Path) -> RuleSet:
     return load_rules(paths)
 
 
-def _heal_grants(cgroups: CgroupEffector, ledger: Ledger) -> int:
-    """Re-apply device-cgroup grants a runtime took away (``runc update``, daemon-reload)."""
-    entries = [e for e in ledger.entries() if e.kind == "binding" and e.record.get("complete")]
-    steps = [
+async def _heal(
+    cgroups: CgroupEffector,
+    nodes: NodeEffector,
+    ledger: Ledger,
+    healable: Callable[[BindingKey], bool],
+) -> int:
+    """The self-healing pass: device-cgroup grants a runtime took away (``runc update``,
+    ``systemctl daemon-reload``) and nodes a container deleted, for settled bindings."""
+    entries = []
+    for entry in ledger.entries():
+        record = entry.record
+        if entry.kind == "binding" and record.get("complete"):
+            try:
+                key = key_from_record(record["key"])
+            except (KeyError, ValueError, TypeError):
+                continue
+            if healable(key):
+                entries.append(entry)
+    changed: dict[str, LedgerEntry] = {}
+    grants = [
         (entry, step)
         for entry in entries
         for step in entry.record.get("steps", [])
         if step.get("kind") == "GrantDevice" and "grant" in step.get("record", {})
     ]
-    if not steps:
-        return 0
-    records, heals, errors = cgroups.reconcile([step["record"] for _, step in steps])
-    for error in errors:
-        log.error("heal: %s", error)
-    if heals:
-        changed: dict[str, LedgerEntry] = {}
-        for (entry, step), record in zip(steps, records, strict=True):
-            step["record"] = record
-            changed[entry.key] = entry
-        for entry in changed.values():
-            ledger.put(entry)
+    heals = 0
+    if grants:
+        records, healed, errors = cgroups.reconcile([step["record"] for _, step in grants])
+        for error in errors:
+            log.error("heal: %s", error)
+        heals += healed
+        if healed:
+            for (entry, step), record in zip(grants, records, strict=True):
+                step["record"] = record
+                changed[entry.key] = entry
+    for entry in entries:
+        for step in entry.record.get("steps", []):
+            if step.get("kind") != "MakeNode":
+                continue
+            try:
+                remade = await nodes.heal(step.get("record", {}))
+            except (HotrelayError, OSError) as exc:
+                log.error("heal: %s: %s", entry.key, exc)
+                continue
+            if remade is not None:
+                step["record"] = remade
+                changed[entry.key] = entry
+                heals += 1
+    for entry in changed.values():
+        ledger.put(entry)
     return heals
 
 
@@ -161,9 +191,10 @@ async def run_daemon(options: RunOptions) -> int:
     grants = DeviceGrants()
     nodes = DeviceNodes(helpers, nodes_dir=state_dir / "nodes")
     cgroups = CgroupEffector(grants)
+    node_effector = NodeEffector(nodes, helpers)
     effectors: dict[str, Effector] = {
         "GrantDevice": cgroups,
-        "MakeNode": NodeEffector(nodes),
+        "MakeNode": node_effector,
         "MakeSymlink": SymlinkEffector(nodes),
         "InjectUevent": InjectEffector(UeventInjector(helpers)),
         "MoveNetdev": NetdevEffector(NetdevMover(helpers)),
@@ -173,7 +204,7 @@ async def run_daemon(options: RunOptions) -> int:
         effectors=effectors,
         runtimes=build_adapters(config.runtimes),
         load_rules=partial(_rules_loader, rules_dir, state_dir),
-        heal=partial(_heal_grants, cgroups),
+        heal=partial(_heal, cgroups, node_effector),
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -17,7 +17,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class Daemon:
         effectors: Mapping[str, Effector],
         runtimes: Sequence[Adapter],
         load_rules: Callable[[], RuleSet],
-        heal: Callable[[Ledger], int] | None = None,
+        heal: Callable[[Ledger, Callable[[BindingKey], bool]], Awaitable[int]] | None = None,
     ) -> None:
         self.options = options
         self.stats = DaemonStats()
@@ -236,8 +236,7 @@ class Daemon:
         elif isinstance(item, _Tick):
             relay.tick(item.now)
             if self._heal_pass is not None and self.ledger is not None:
-                # In this thread: the effectors' state is not for sharing with a worker.
-                self.stats.heals += self._heal_pass(self.ledger)
+                self.stats.heals += await self._heal_pass(self.ledger, self._settled_binding)
         elif isinstance(item, _Reload):
             await self._reload(item)
         elif isinstance(item, _Resync):
@@ -281,6 +280,16 @@ class Daemon:
             await self._resync_devices("reload")
         if request.done is not None:
             request.done.set()
+
+    def _settled_binding(self, key: BindingKey) -> bool:
+        """Applied as desired and nothing in flight: safe for the heal pass to touch."""
+        relay = self.relay
+        want = relay.desired.get(key)
+        return (
+            want is not None
+            and key not in relay.inflight
+            and relay.applied.get(key) == want.fingerprint
+        )
 
     # -- coldplug ----------------------------------------------------------------------
 

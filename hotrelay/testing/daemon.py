@@ -49,6 +49,7 @@ class RunningDaemon:
         config: str = "",
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        echo_log: bool = True,
     ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="hotrelay-e2e-"))
         self.workdir.chmod(0o755)
@@ -61,6 +62,7 @@ class RunningDaemon:
         self.rules_dir.chmod(0o755)
         self.config_path.write_text(config)
         self.extra_args = extra_args
+        self.echo_log = echo_log
         self.write_rules(rules)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
@@ -190,8 +192,9 @@ class RunningDaemon:
 
     def close(self) -> None:
         self.stop()
-        # pytest shows captured output only for failing tests: there, the log says why.
-        sys.stderr.write(f"--- hotrelay run log ({self.workdir}) ---\n{self.log()[-30000:]}\n")
+        if self.echo_log:
+            # pytest shows captured output only for failing tests: there, the log says why.
+            sys.stderr.write(f"--- hotrelay run log ({self.workdir}) ---\n{self.log()[-30000:]}\n")
         # Leftover host-side nodes of user-namespaced containers live in the state dir.
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.workdir)], check=False)
 

@@ -73,7 +73,7 @@ def leftovers() -> dict[str, set[str]]:
         Path("/sys/fs/cgroup/unified/hotrelay-test"),
     ):
         if root.exists():
-            cgroups |= {p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("demo")}
+            cgroups |= {p.name for p in root.iterdir() if p.is_dir()}
     return {
         "cgroups": cgroups,
         "zram": {p.name for p in Path("/sys/block").iterdir() if p.name.startswith("zram")},
@@ -83,9 +83,17 @@ def leftovers() -> dict[str, set[str]]:
 
 def test_demo_exits_zero_and_leaves_nothing_behind() -> None:
     before = leftovers()
-    result = subprocess.run([*HOTRELAY, "demo"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*HOTRELAY, "demo"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "heard  add    /devices/virtual/block/zram" in result.stdout
-    assert "dropped: kernel group: sender port id" in result.stdout
-    assert "open(/dev/zram" in result.stdout
+    out = result.stdout
+    # The disk arrived inside, usable, with the rule's mode and group, and was heard.
+    assert re.search(r"inside: /dev/demo/zram\d+ usable \(read 4096 bytes\)", out), out
+    assert "brw-rw---- uid 0 gid 6" in out
+    assert re.search(r"heard: add@/devices/virtual/block/zram\d+ DEVNAME=demo/zram\d+", out)
+    assert "remove uevent heard" in out
+    # The NIC moved in under its new name and left again.
+    assert "one end is now demo0" in out
+    assert "demo0 gone inside" in out
+    assert ", 0 failures" in out
     assert leftovers() == before
+    assert not list(Path("/tmp").glob("hotrelay-e2e-*"))

@@ -270,3 +270,22 @@ def test_daemon_refuses_to_start_on_bad_rules(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"10-bad.toml:2: "):
         daemon.start(timeout=10)
     daemon.close()
+
+
+def test_self_healing_restores_a_deleted_node_and_a_dropped_grant(
+    sandboxes: list[Sandbox],
+) -> None:
+    sandbox = Sandbox.create(devices="default-deny")
+    sandboxes.append(sandbox)
+    config = "heal_interval = 0.2\n"
+    with ZramDevice() as zram, RunningDaemon(rules(f"pid:{sandbox.pid}"), config=config) as daemon:
+        eventually(lambda: usable(sandbox, node(zram)), timeout=1.0)
+        # The container deletes our node ...
+        sandbox.run(["rm", node(zram)])
+        assert gone(sandbox, node(zram))
+        eventually(lambda: usable(sandbox, node(zram)), timeout=3.0)
+        # ... and something (runc update, a daemon-reload) takes the grant away.
+        (sandbox.devices_cgroup / "devices.deny").write_text(f"b {zram.major}:{zram.minor} rwm")
+        assert open_inside(sandbox, node(zram)) == errno.EPERM
+        eventually(lambda: usable(sandbox, node(zram)), timeout=3.0)
+        assert daemon.status()["counters"]["heals"] >= 2
