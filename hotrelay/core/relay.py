@@ -18,6 +18,7 @@ one job in flight, and when it finishes the diff is taken again.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +26,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from hotrelay.core.containers import ContainerRef, Runtime
-from hotrelay.core.plan import Action, InjectUevent, MakeNode, MakeSymlink, SkipRule, plan_for
+from hotrelay.core.device_access import DeviceRule
+from hotrelay.core.plan import (
+    Action,
+    GrantDevice,
+    InjectUevent,
+    MakeNode,
+    MakeSymlink,
+    SkipRule,
+    plan_for,
+)
 from hotrelay.core.rules import DeviceView, MatchMemory, Rule, RuleSet
 from hotrelay.core.uevent import Uevent, Wire
 
@@ -78,7 +88,12 @@ class Binding:
         # same container, and it must get the device once.
         chosen = next(t for t in rule.targets if t.selects(container))
         planned = plan_for(add, [rule], resolve=lambda t: [container] if t is chosen else [])
-        actions = tuple(_as_seen_inside(planned))
+        return cls.from_actions(container, add, rule.name, tuple(_as_seen_inside(planned)))
+
+    @classmethod
+    def from_actions(
+        cls, container: ContainerRef, uevent: Uevent, rule: str, actions: tuple[Action, ...]
+    ) -> Binding:
         # What makes two bindings "the same": the container incarnation (a restart is
         # a new pid), the device and everything the actions would do.
         identity = "\n".join(
@@ -89,13 +104,25 @@ class Binding:
             ]
         )
         return cls(
-            key=BindingKey(container.runtime, container.name, uevent.devpath, rule.name),
+            key=BindingKey(container.runtime, container.name, uevent.devpath, rule),
             container=container,
-            uevent=add,
-            rule=rule.name,
+            uevent=uevent,
+            rule=rule,
             actions=actions,
             fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:24],
         )
+
+    def with_grant(self, grant: DeviceRule | None) -> Binding:
+        """The same binding with its device-cgroup grant replaced (None: left out)."""
+        actions: list[Action] = []
+        for action in self.actions:
+            if not isinstance(action, GrantDevice):
+                actions.append(action)
+            elif grant is not None:
+                actions.append(dataclasses.replace(action, device=grant))
+        if tuple(actions) == self.actions:
+            return self
+        return Binding.from_actions(self.container, self.uevent, self.rule, tuple(actions))
 
     @property
     def skipped(self) -> tuple[SkipRule, ...]:
@@ -413,12 +440,15 @@ class Relay:
 
     def _bind_device(self, devpath: str, dev: _Device, *, only: ContainerRef | None = None) -> None:
         containers = self._containers.values() if only is None else (only,)
-        for rule in dev.rules:
-            for container in containers:
-                if any(target.selects(container) for target in rule.targets):
-                    binding = Binding.build(container, dev.uevent, rule)
-                    if self._desired.get(binding.key) != binding:
-                        self._add_desired(binding)
+        for container in containers:
+            bindings = [
+                Binding.build(container, dev.uevent, rule)
+                for rule in dev.rules
+                if any(target.selects(container) for target in rule.targets)
+            ]
+            for binding in _share_grant(bindings):
+                if self._desired.get(binding.key) != binding:
+                    self._add_desired(binding)
 
     def _changed(self, uevent: Uevent, rules: Sequence[Rule]) -> None:
         """A change/bind/... to a present device: re-bind if the rules differ, else notify."""
@@ -437,6 +467,28 @@ class Relay:
             )
             if injections:
                 self._notify[key] = NotifyJob(key, injections)
+
+
+def _share_grant(bindings: Sequence[Binding]) -> list[Binding]:
+    """One device-cgroup grant per container and device, however many rules relay it.
+
+    A grant is not reference-counted by the kernel (v1) nor by the effector, so two
+    bindings granting the same device would see the second one's revoke take access
+    the first still needs. The first binding (in rule order) carries the grant, with
+    the union of every rule's access; the others carry none. When the set of rules
+    changes, the first binding's actions change, so it is re-applied.
+    """
+    grants = [a for b in bindings for a in b.actions if isinstance(a, GrantDevice)]
+    if len(grants) < 2:
+        return list(bindings)
+    access = grants[0].device.access
+    for grant in grants[1:]:
+        access = access | grant.device.access
+    union = dataclasses.replace(grants[0].device, access=access)
+    holder = next(
+        i for i, b in enumerate(bindings) if any(isinstance(a, GrantDevice) for a in b.actions)
+    )
+    return [b.with_grant(union if i == holder else None) for i, b in enumerate(bindings)]
 
 
 def _inside_view(uevent: Uevent, actions: Sequence[Action]) -> Uevent:

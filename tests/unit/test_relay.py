@@ -384,3 +384,40 @@ def test_any_interleaving_settles_on_the_rules_intent(script: list[tuple[int | s
     applied = {(relay.desired[k].container.name, relay.desired[k].container.pid, int(k.devpath[-1]))
                for k in relay.applied}  # fmt: skip
     assert applied == intent
+
+
+def test_two_rules_for_one_device_share_one_grant() -> None:
+    text = (
+        RULES
+        + """
+[[rule]]
+name = "zram-read"
+target = ["lxc:ha1"]
+[rule.match]
+subsystem = "block"
+kernel = "zram1"
+[rule.device]
+path = "/dev/readonly/{kernel}"
+access = "r"
+"""
+    )
+    relay = Relay(rules(text))
+    relay.container_started(HA)
+    relay.device_event(zram(1))
+    jobs = relay.next_jobs()
+    grants = [
+        a for j in jobs if isinstance(j, ApplyJob) for a in j.binding.actions
+        if isinstance(a, GrantDevice)
+    ]  # fmt: skip
+    assert [g.device.render() for g in grants] == ["b 253:1 rwm"]  # one grant, the union
+    finish(relay, jobs)
+    # The rule holding the grant goes: the other one takes it over (re-applied).
+    relay.replace_rules(rules(text.replace('kernel = "zram*"', 'kernel = "nothing"')))
+    relay.resync_devices([(zram(1), None)])
+    log = drain(relay)
+    assert "undo lxc:ha1 /devices/virtual/block/zram1 zram" in log
+    (binding,) = relay.desired.values()
+    assert [a.device.render() for a in binding.actions if isinstance(a, GrantDevice)] == [
+        "b 253:1 r"
+    ]
+    assert relay.is_settled()
