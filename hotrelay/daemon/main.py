@@ -205,6 +205,8 @@ async def run_daemon(options: RunOptions) -> int:
         runtimes=build_adapters(config.runtimes),
         load_rules=partial(_rules_loader, rules_dir, state_dir),
         heal=partial(_heal, cgroups, node_effector),
+        metrics=metrics,
+        notifier=notifier,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -254,8 +254,8 @@ class DaemonMetrics:
             "hotrelay_actions_total", "Actions run, by kind and outcome.", ("kind", "outcome")
         )
         self.latency = r.histogram(
-            "hotrelay_event_latency_seconds",
-            "Time from hearing a uevent to the last of its actions done.",
+            "hotrelay_job_duration_seconds",
+            "Time to run one apply, undo or notify job (all of one binding's actions).",
         )
         self.grants = r.gauge("hotrelay_grants", "Devices granted to containers now.")
         self.containers = r.gauge(

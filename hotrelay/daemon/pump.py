@@ -31,6 +31,8 @@ from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.coldplug import enumerate_devices
 from hotrelay.daemon.executor import Effector, Executor, JobResult, restore_applied
 from hotrelay.daemon.ledger import Ledger
+from hotrelay.daemon.metrics import DaemonMetrics
+from hotrelay.daemon.sdnotify import Notifier
 from hotrelay.daemon.source import EventSource, Overflow, SourceItem, SourceKind
 from hotrelay.errors import HotrelayError
 from hotrelay.runtimes import Adapter
@@ -96,6 +98,8 @@ class Daemon:
         runtimes: Sequence[Adapter],
         load_rules: Callable[[], RuleSet],
         heal: Callable[[Ledger, Callable[[BindingKey], bool]], Awaitable[int]] | None = None,
+        metrics: DaemonMetrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.options = options
         self.stats = DaemonStats()
@@ -104,6 +108,9 @@ class Daemon:
         self._load_rules = load_rules
         self._heal_pass = heal
         self.feed = Broadcaster()
+        self.metrics = metrics or DaemonMetrics()
+        self._notifier = notifier
+        self._synced: dict[str, int] = {}
         self.applied_since: dict[BindingKey, float] = {}
         self._send, self._receive = trio.open_memory_channel[_Input](4096)
         self._seqnum_floor = 0
@@ -218,6 +225,7 @@ class Daemon:
                     break
                 await self._handle(item)
             self._dispatch(relay.next_jobs())
+            self._sync_metrics()
             if relay.is_settled():
                 self._settled.set()
 
@@ -265,11 +273,14 @@ class Daemon:
 
     async def _reload(self, request: _Reload) -> None:
         self.stats.reloads += 1
+        if self._notifier is not None:
+            self._notifier.reloading(f"reloading ({request.reason})")
         try:
             rules = await trio.to_thread.run_sync(self._load_rules)
         except HotrelayError as exc:
             self.stats.reload_errors += 1
             self.stats.last_reload_error = str(exc)
+            self.metrics.reloads.inc(outcome="failed")
             log.error("reload (%s) refused, keeping the current rules:\n%s", request.reason, exc)
         else:
             log.info("reload (%s): %d rules", request.reason, len(rules))
@@ -278,6 +289,9 @@ class Daemon:
             self.relay.replace_rules(rules)
             self.relay.retry_everything()
             await self._resync_devices("reload")
+            self.metrics.reloads.inc(outcome="ok")
+        if self._notifier is not None:
+            self._notifier.ready(f"relaying with {len(self.relay.rules)} rules")
         if request.done is not None:
             request.done.set()
 
@@ -357,9 +371,47 @@ class Daemon:
         for job in jobs:
             self.executor.submit(job)
 
+    def _sync_metrics(self) -> None:
+        """Bring the exported counters up to the relay's and the source's own."""
+        metrics = self.metrics
+        source = self.source
+        kind = source.kind.value if source is not None else "none"
+        now = {
+            "matched": self.relay.stats.matched_events,
+            "unmatched": self.relay.stats.events - self.relay.stats.matched_events,
+            "untrusted": source.stats.dropped_untrusted if source is not None else 0,
+            "malformed": (
+                source.stats.dropped_malformed + source.stats.dropped_truncated
+                if source is not None
+                else 0
+            ),
+            "overflows": self.stats.overflows,
+            "heals": self.stats.heals,
+        }
+        for name, value in now.items():
+            delta = value - self._synced.get(name, 0)
+            if delta <= 0:
+                continue
+            self._synced[name] = value
+            if name == "overflows":
+                metrics.overflows.inc(delta)
+            elif name == "heals":
+                metrics.heals.inc(delta)
+            else:
+                metrics.events.inc(delta, source=kind, verdict=name)
+        metrics.grants.set(len(self.relay.applied))
+        by_runtime: dict[str, int] = {}
+        for runtime, _name in self.relay.containers:
+            by_runtime[runtime.value] = by_runtime.get(runtime.value, 0) + 1
+        for runtime in Runtime:
+            metrics.containers.set(by_runtime.get(runtime.value, 0), runtime=runtime.value)
+
     def _log_result(self, result: JobResult) -> None:
         job = result.job
         ms = result.seconds * 1000
+        kind = {ApplyJob: "apply", UndoJob: "undo"}.get(type(job), "notify")
+        self.metrics.actions.inc(kind=kind, outcome="ok" if result.error is None else "failed")
+        self.metrics.latency.observe(result.seconds)
         self.feed.publish(
             {"type": "action", "job": job.describe(), "outcome": "ok" if result.error is None
              else "failed", "error": result.error, "ms": round(ms, 3)}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -296,3 +298,30 @@ def test_self_healing_restores_a_deleted_node_and_a_dropped_grant(
         eventually(lambda: heals() > before, timeout=3.0)
         eventually(lambda: usable(sandbox, node(zram)), timeout=3.0)
         assert f"b {zram.major}:{zram.minor} rwm" in devices_list(sandbox)
+
+
+def test_metrics_report_what_the_daemon_did(sandboxes: list[Sandbox]) -> None:
+    sandbox = Sandbox.create(devices="default-deny")
+    sandboxes.append(sandbox)
+    with socket.socket() as probe:  # a free loopback port for the exporter
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = f'metrics = "127.0.0.1:{port}"\n'
+    with RunningDaemon(rules(f"pid:{sandbox.pid}"), config=config), ZramDevice() as zram:
+        eventually(lambda: usable(sandbox, node(zram)), timeout=2.0)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        def scraped_after_a_grant() -> str | None:
+            text = scrape()
+            return text if 'kind="apply",outcome="ok"' in text else None
+
+        text = eventually(scraped_after_a_grant)
+        assert 'hotrelay_actions_total{kind="apply",outcome="ok"}' in text
+        assert 'hotrelay_events_total{source="kernel",verdict="matched"}' in text
+        assert 'hotrelay_containers{runtime="pid"} 1' in text
+        grants = next(line for line in text.splitlines() if line.startswith("hotrelay_grants "))
+        assert float(grants.split()[1]) >= 1
+        assert "hotrelay_job_duration_seconds_count" in text

@@ -101,8 +101,8 @@ def test_daemon_metrics_are_all_there() -> None:
     for line in (
         'hotrelay_events_total{source="udev",verdict="matched"} 1',
         'hotrelay_actions_total{kind="grant",outcome="ok"} 1',
-        'hotrelay_event_latency_seconds_bucket{le="0.005"} 1',
-        "hotrelay_event_latency_seconds_count 1",
+        'hotrelay_job_duration_seconds_bucket{le="0.005"} 1',
+        "hotrelay_job_duration_seconds_count 1",
         "hotrelay_grants 1",
         'hotrelay_containers{runtime="lxc"} 2',
         "hotrelay_heals_total 1",
