@@ -110,6 +110,48 @@ def _rules_loader(rules_dir: Path, state_dir: Path) -> RuleSet:
     return load_rules(paths)
 
 
+# What a reload can change while running; other keys are read once, at start.
+LIVE_KEYS = frozenset({"rules_dir", "log_level", "log_format"})
+
+
+class _Settings:
+    """The config and rules, re-read together on every reload (SIGHUP, ``reload``).
+
+    All or nothing: an error in either keeps both as they were. Logging and the rules
+    directory change at once; other changed keys are reported as needing a restart.
+    """
+
+    def __init__(self, options: RunOptions, config: Config, state_dir: Path) -> None:
+        self.options = options
+        self.config = config
+        self.state_dir = state_dir
+
+    def _rules_dir(self, config: Config) -> Path:
+        return self.options.rules_dir or Path(config.rules_dir)
+
+    def load(self) -> RuleSet:
+        """At start: the rules, with the config already read."""
+        return _rules_loader(self._rules_dir(self.config), self.state_dir)
+
+    def reload(self) -> RuleSet:
+        config = load_config(self.options.config)
+        rules = _rules_loader(self._rules_dir(config), self.state_dir)
+        old = self.config
+        later = [
+            name
+            for name in Config.__dataclass_fields__
+            if name not in LIVE_KEYS and getattr(config, name) != getattr(old, name)
+        ]
+        if later:
+            log.warning("config: %s changed; takes effect after a restart", ", ".join(later))
+        setup_logging(
+            self.options.log_level or config.log_level,
+            self.options.log_format or config.log_format,
+        )
+        self.config = config
+        return rules
+
+
 async def _heal(
     cgroups: CgroupEffector,
     nodes: NodeEffector,
@@ -199,11 +241,13 @@ async def run_daemon(options: RunOptions) -> int:
         "InjectUevent": InjectEffector(UeventInjector(helpers)),
         "MoveNetdev": NetdevEffector(NetdevMover(helpers)),
     }
+    settings_source = _Settings(options, config, state_dir)
     daemon = Daemon(
         daemon_options,
         effectors=effectors,
         runtimes=build_adapters(config.runtimes),
-        load_rules=partial(_rules_loader, rules_dir, state_dir),
+        load_rules=settings_source.load,
+        reload_rules=settings_source.reload,
         heal=partial(_heal, cgroups, node_effector),
         metrics=metrics,
         notifier=notifier,

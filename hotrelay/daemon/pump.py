@@ -97,6 +97,7 @@ class Daemon:
         effectors: Mapping[str, Effector],
         runtimes: Sequence[Adapter],
         load_rules: Callable[[], RuleSet],
+        reload_rules: Callable[[], RuleSet] | None = None,
         heal: Callable[[Ledger, Callable[[BindingKey], bool]], Awaitable[int]] | None = None,
         metrics: DaemonMetrics | None = None,
         notifier: Notifier | None = None,
@@ -106,6 +107,8 @@ class Daemon:
         self._effectors = effectors
         self._runtimes = runtimes
         self._load_rules = load_rules
+        # A reload may re-read more than the rules (the daemon's config too).
+        self._reload_rules = reload_rules or load_rules
         self._heal_pass = heal
         self.feed = Broadcaster()
         self.metrics = metrics or DaemonMetrics()
@@ -276,7 +279,7 @@ class Daemon:
         if self._notifier is not None:
             self._notifier.reloading(f"reloading ({request.reason})")
         try:
-            rules = await trio.to_thread.run_sync(self._load_rules)
+            rules = await trio.to_thread.run_sync(self._reload_rules)
         except HotrelayError as exc:
             self.stats.reload_errors += 1
             self.stats.last_reload_error = str(exc)

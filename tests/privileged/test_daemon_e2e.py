@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from hotrelay.control.client import ControlError
 from hotrelay.core.uevent import parse
 from hotrelay.testing.daemon import RunningDaemon, eventually
 from hotrelay.testing.hotplug import ZramDevice
@@ -325,3 +326,17 @@ def test_metrics_report_what_the_daemon_did(sandboxes: list[Sandbox]) -> None:
         grants = next(line for line in text.splitlines() if line.startswith("hotrelay_grants "))
         assert float(grants.split()[1]) >= 1
         assert "hotrelay_job_duration_seconds_count" in text
+
+
+def test_reload_refuses_a_bad_config_and_keeps_relaying(sandboxes: list[Sandbox]) -> None:
+    sandbox = Sandbox.create(devices="default-deny")
+    sandboxes.append(sandbox)
+    with ZramDevice() as zram, RunningDaemon(rules(f"pid:{sandbox.pid}")) as daemon:
+        eventually(lambda: usable(sandbox, node(zram)), timeout=1.0)
+        daemon.config_path.write_text('log_level = "chatty"\n')
+        with pytest.raises(ControlError, match=r"hotrelay.toml:1: log_level"):
+            daemon.request("reload")
+        assert usable(sandbox, node(zram))
+        daemon.config_path.write_text('log_level = "info"\nheal_interval = 1\n')
+        daemon.request("reload")
+        assert "heal_interval changed; takes effect after a restart" in daemon.log()
