@@ -162,3 +162,46 @@ def resolve_device(spec: str, root: Path = SYSFS) -> SysfsDevice:
     if spec == "/sys" or spec.startswith("/sys/"):
         return SysfsDevice.from_syspath(root / spec[len("/sys/") :], root)
     raise SysfsError(f"{spec}: expected a /dev/... node or a /sys/... device path")
+
+
+class LazySysfsDevice:
+    """A ``DeviceView`` of ``/sys`` + devpath that touches nothing until asked.
+
+    The daemon hands one to matching for every uevent, and most events are decided by
+    their own properties (subsystem, kernel name) without a sysfs read; building a
+    ``SysfsDevice`` (a pathlib path) per event cost a third of the daemon's time in a
+    storm. ``devpath`` and ``sysname`` come from the event itself.
+    """
+
+    __slots__ = ("_device", "devpath")
+
+    def __init__(self, devpath: str) -> None:
+        self.devpath = devpath
+        self._device: SysfsDevice | None = None
+
+    def _real(self) -> SysfsDevice:
+        if self._device is None:
+            self._device = SysfsDevice(SYSFS / self.devpath.lstrip("/"))
+        return self._device
+
+    @property
+    def sysname(self) -> str:
+        return self.devpath.rsplit("/", 1)[-1]
+
+    @property
+    def subsystem(self) -> str | None:
+        return self._real().subsystem
+
+    @property
+    def devtype(self) -> str | None:
+        return self._real().devtype
+
+    @property
+    def driver(self) -> str | None:
+        return self._real().driver
+
+    def attribute(self, name: str) -> str | None:
+        return self._real().attribute(name)
+
+    def parent(self) -> SysfsDevice | None:
+        return self._real().parent()

@@ -36,7 +36,7 @@ from hotrelay.daemon.sdnotify import Notifier
 from hotrelay.daemon.source import EventSource, Overflow, SourceItem, SourceKind
 from hotrelay.errors import HotrelayError
 from hotrelay.runtimes import Adapter
-from hotrelay.sysfs import SysfsDevice
+from hotrelay.sysfs import LazySysfsDevice
 
 __all__ = ["Daemon", "DaemonOptions"]
 
@@ -430,7 +430,7 @@ class Daemon:
 def _view(uevent: Uevent) -> DeviceView | None:
     if uevent.action == "remove":
         return None  # gone from sysfs; matching uses what was recorded at add
-    return SysfsDevice(SYSFS / uevent.devpath.lstrip("/"))
+    return LazySysfsDevice(uevent.devpath)
 
 
 def _snapshot(wire: Wire) -> tuple[int, list[tuple[Uevent, DeviceView | None]]]:
