@@ -167,7 +167,7 @@ def _remove_stale(path: Path) -> None:
 
 
 def bind_control_socket(
-    path: Path, *, group: int | None = None, backlog: int = 128
+    path: Path, *, group: int | None = None, backlog: int = 1024
 ) -> socket.socket:
     """A listening unix socket at ``path``, mode 0600 (0660 root:group with a group).
 
@@ -190,6 +190,9 @@ def bind_control_socket(
         if group is not None:
             os.chown(path, -1, group)
             os.chmod(path, 0o660)  # connect() needs write permission on the socket file
+        # Room for more than max_clients waiting connects: while the event loop is busy
+        # (a uevent storm) a full backlog makes connect() fail with EAGAIN, so clients
+        # under the limit would be refused by the kernel instead of served.
         sock.listen(backlog)
     except OSError as exc:
         sock.close()

@@ -564,7 +564,7 @@ def split_prepended(program: Sequence[Insn]) -> Prepended | None:
     if len(program) < _PREFIX_HEADER or program[0] != _mov64_imm(0, PREFIX_MAGIC):
         return None
     second = program[1]
-    if second.op != BPF_ALU64 | BPF_K | BPF_MOV or second.dst != 0:
+    if second != _mov64_imm(0, second.imm):  # every field, not just op and dst
         return None
     prefix_len = second.imm
     if not _PREFIX_HEADER < prefix_len < len(program):
@@ -588,6 +588,7 @@ def _read_grants(body: Sequence[Insn]) -> tuple[DeviceRule, ...] | None:
         if insn.dst == 9 and insn.op != BPF_JMP | BPF_K | BPF_JEQ:
             # A group preamble: the next grants share its type and access.
             kind, mask = DeviceType.ALL, _ALL_ACCESS
+            start = pos
             while pos < end and body[pos].dst in (7, 9) and body[pos].cls != BPF_JMP:
                 step = body[pos]
                 if step.op == BPF_ALU | BPF_K | BPF_XOR and step.imm in codes:
@@ -595,6 +596,8 @@ def _read_grants(body: Sequence[Insn]) -> tuple[DeviceRule, ...] | None:
                 elif step.op == BPF_ALU | BPF_K | BPF_AND:
                     mask = ~step.imm & _ALL_ACCESS
                 pos += 1
+            if pos == start:  # a jump on r9 that is not ours: without this, no progress
+                return None
             continue
         access = Access(
             bool(mask & DEVCG_ACC_READ), bool(mask & DEVCG_ACC_WRITE), bool(mask & DEVCG_ACC_MKNOD)
@@ -645,6 +648,8 @@ def check_replayable(program: Sequence[Insn]) -> str | None:
     while pos < len(program):
         insn = program[pos]
         where = f"instruction {pos} ({insn})"
+        if insn.dst > 10 or insn.src > 10:  # before LD_IMM64's early continue, too
+            return f"{where} names a register beyond r10"
         if insn.op == LD_IMM64:
             if insn.src != 0:
                 return f"{where} references a map or other kernel object"
@@ -674,8 +679,6 @@ def check_replayable(program: Sequence[Insn]) -> str | None:
                 return f"{where} is not a known jump"
         else:
             return f"{where} is a store, atomic or legacy packet load"
-        if insn.dst > 10 or insn.src > 10:
-            return f"{where} names a register beyond r10"
         pos += 1
     last = program[-1]
     if not (last.op == BPF_JMP | BPF_EXIT or (last.cls == BPF_JMP and last.op & 0xF0 == BPF_JA)):
@@ -778,6 +781,8 @@ def run(program: Sequence[Insn], context: bytes, *, max_steps: int = 1_000_000) 
         insn = program[pc]
         cls = insn.cls
         operation = insn.op & 0xF0
+        if insn.dst > 10 or insn.src > 10:
+            raise InterpreterError(f"instruction {pc}: register beyond r10 in {insn}")
 
         def reg(number: int, *, at: int = pc) -> int:
             value = regs[number]

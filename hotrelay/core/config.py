@@ -440,6 +440,8 @@ def load_config_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(path, text, exc)]) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays/tables
+        raise ConfigError([RuleError(path, 1, "invalid TOML: nested too deeply")]) from None
     reader = _Reader(path, Locator(text))
     schema: dict[str, Callable[[KeyPath, object], object]] = {
         "rules_dir": _path,

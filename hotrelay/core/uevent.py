@@ -175,7 +175,10 @@ def _int_property(props: Mapping[str, str], key: str) -> int | None:
     # int() accepts "+1", " 1" and "1_000"; the kernel writes plain decimal digits only.
     if not value.isascii() or not value.isdigit():
         raise UeventParseError(f"{key}={value!r} is not a decimal number")
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        raise UeventParseError(f"{key}: a number of {len(value)} digits") from None
 
 
 def _derive(props: Mapping[str, str]) -> _Derived:

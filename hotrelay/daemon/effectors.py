@@ -16,14 +16,14 @@ from typing import Any
 import trio
 
 from hotrelay.core.containers import ContainerRef, IdMap, IdRange, Runtime
-from hotrelay.core.device_access import DeviceRule, parse_devices_list
+from hotrelay.core.device_access import DeviceRule, DeviceType, parse_devices_list
 from hotrelay.core.plan import GrantDevice, InjectUevent, MakeNode, MakeSymlink, MoveNetdev
 from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.executor import EffectorError
 from hotrelay.effectors.cgroups import DeviceGrants, GrantRecord
 from hotrelay.effectors.devnode import DeviceNodes, NodeRecord, SymlinkRecord
 from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
-from hotrelay.effectors.nshelper import NamespaceHelpers
+from hotrelay.effectors.nshelper import NamespaceHelpers, TargetExistsError
 from hotrelay.effectors.uevent_inject import UeventInjector
 from hotrelay.runtimes.names import resolve_owner_async
 
@@ -219,30 +219,57 @@ class NodeEffector(_InContainer):
         return {"container": record["container"], "node": _with_dirs(again, dirs)}
 
     def prepare(self, action: MakeNode) -> Record:
-        return self._prepared(action)
+        # Which node apply may make: a crash (or a helper killed mid-request) between
+        # making it and recording it leaves the step pending, and its undo must then
+        # remove that node, or every later apply finds it in the way, forever.
+        return {
+            **self._prepared(action),
+            "path": action.path,
+            "type": action.type.value,
+            "major": action.major,
+            "minor": action.minor,
+        }
 
     async def apply(self, action: MakeNode, record: Record) -> Record:
         container = _resolved(action)
         owner = await resolve_owner_async(container, user=action.owner, group=action.group)
-        node = await self._nodes.make_node(
-            container,
-            action.path,
-            type=action.type,
-            major=action.major,
-            minor=action.minor,
-            mode=action.mode,
-            uid=owner.uid,
-            gid=owner.gid,
-        )
+        try:
+            node = await self._nodes.make_node(
+                container,
+                action.path,
+                type=action.type,
+                major=action.major,
+                minor=action.minor,
+                mode=action.mode,
+                uid=owner.uid,
+                gid=owner.gid,
+            )
+        except TargetExistsError:
+            record["existed"] = True  # not ours: the rollback leaves it alone
+            raise
         return {"container": record["container"], "node": node.to_json()}
 
     async def undo(self, record: Record) -> None:
         container = await self._target(record)
-        if container is None or "node" not in record:
-            # Gone with the container's mount namespace, or never made: a pending
-            # MakeNode that did make its node is caught by the heal's stale-node check.
-            return
-        await self._nodes.remove_node(container, NodeRecord.from_json(record["node"]))
+        if container is None:
+            return  # gone with the container's mount namespace
+        if "node" in record:
+            await self._nodes.remove_node(container, NodeRecord.from_json(record["node"]))
+        elif "path" in record and not record.get("existed"):
+            # Pending: made or not, we cannot tell. Removed only if it is exactly this
+            # device (remove_node leaves anything else alone); our directories stay.
+            pending = NodeRecord(
+                container=container.target,
+                path=str(record["path"]),
+                type=DeviceType(record["type"]),
+                major=int(record["major"]),
+                minor=int(record["minor"]),
+                mode=0,
+                uid=0,
+                gid=0,
+                method=self._nodes.method_for(container),
+            )
+            await self._nodes.remove_node(container, pending)
 
 
 class SymlinkEffector(_InContainer):
@@ -252,17 +279,27 @@ class SymlinkEffector(_InContainer):
         self._nodes = nodes
 
     def prepare(self, action: MakeSymlink) -> Record:
-        return self._prepared(action)
+        # As for nodes: a pending link may exist; its undo removes it only if it still
+        # points exactly where we would have pointed it.
+        return {**self._prepared(action), "path": action.link, "target": action.target}
 
     async def apply(self, action: MakeSymlink, record: Record) -> Record:
-        link = await self._nodes.make_symlink(_resolved(action), action.link, action.target)
+        try:
+            link = await self._nodes.make_symlink(_resolved(action), action.link, action.target)
+        except TargetExistsError:
+            record["existed"] = True
+            raise
         return {"container": record["container"], "symlink": link.to_json()}
 
     async def undo(self, record: Record) -> None:
         container = await self._target(record)
-        if container is None or "symlink" not in record:
+        if container is None:
             return
-        await self._nodes.remove_symlink(container, SymlinkRecord.from_json(record["symlink"]))
+        if "symlink" in record:
+            await self._nodes.remove_symlink(container, SymlinkRecord.from_json(record["symlink"]))
+        elif "path" in record and not record.get("existed"):
+            pending = SymlinkRecord(container.target, str(record["path"]), str(record["target"]))
+            await self._nodes.remove_symlink(container, pending)
 
 
 class InjectEffector(_InContainer):

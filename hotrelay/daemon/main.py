@@ -254,6 +254,7 @@ async def run_daemon(options: RunOptions) -> int:
     )
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(helpers.reap_forever)
             await nursery.start(daemon.run)
             handler = DaemonControl(daemon, nursery)
             await nursery.start(

@@ -1105,6 +1105,29 @@ class NamespaceHelpers:
     def running(self) -> list[NamespaceHelper]:
         return [helper for helper in self._helpers.values() if helper.alive]
 
+    def reap(self) -> int:
+        """Forget the helpers that exited on their own (their container died while they
+        were idle) and reap them; how many. Without this each stays a zombie holding a
+        socket until the daemon exits, one per container that ever stopped."""
+        reaped = 0
+        for key, helper in list(self._helpers.items()):
+            if helper._process.returncode is None:  # reads waitpid(WNOHANG): reaps it
+                continue
+            del self._helpers[key]
+            helper._broken = True
+            helper._sock.close()
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():
+                del self._locks[key]
+            reaped += 1
+        return reaped
+
+    async def reap_forever(self, interval: float = 1.0) -> None:
+        """Run :meth:`reap` every ``interval`` seconds, until cancelled."""
+        while True:
+            await trio.sleep(interval)
+            self.reap()
+
     async def close(self, container: ContainerRef) -> None:
         """The container stopped: stop its helper (no-op if it has none)."""
         helper = self._helpers.pop(container.key, None)

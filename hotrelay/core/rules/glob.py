@@ -100,8 +100,16 @@ def _bracket(glob: str, start: int) -> tuple[str, int]:
 
 
 def _translate(glob: str) -> tuple[str, str | None]:
-    """One alternative to (regex, literal); literal is None when it has metacharacters."""
-    out: list[str] = []
+    """One alternative to (regex, literal); literal is None when it has metacharacters.
+
+    Matching values can come from devices (a USB serial number), so the regex must not
+    backtrack: ``*a*a*a*b`` compiled naively takes exponential time on ``aaaa...``.
+    Every piece between stars matches exactly one character, so each run between two
+    stars can be taken at its leftmost place and never revisited (an atomic group, as
+    CPython's fnmatch does); only the last star backtracks, to find the tail.
+    """
+    runs: list[list[str]] = [[]]  # regex pieces between stars
+    out = runs[0]
     literal: list[str] | None = []
     i = 0
     while i < len(glob):
@@ -115,7 +123,8 @@ def _translate(glob: str) -> tuple[str, str | None]:
             i += 2
             continue
         if char == "*":
-            out.append(".*")
+            out = []
+            runs.append(out)
             literal = None
         elif char == "?":
             out.append(".")
@@ -130,7 +139,12 @@ def _translate(glob: str) -> tuple[str, str | None]:
             if literal is not None:
                 literal.append(char)
         i += 1
-    return "".join(out), None if literal is None else "".join(literal)
+    texts = ["".join(run) for run in runs]
+    if len(texts) == 1:
+        return texts[0], None if literal is None else "".join(literal)
+    head, *middle, tail = texts
+    atomic = "".join(f"(?>.*?{run})" for run in middle if run)
+    return f"{head}{atomic}.*{tail}", None
 
 
 def _compile(regexes: Sequence[str]) -> re.Pattern[str] | None:

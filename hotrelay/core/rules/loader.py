@@ -563,6 +563,8 @@ def load_rules_text(text: str, path: str) -> list[Rule]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError([_syntax_error(path, text, exc)]) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays/tables
+        raise RuleSetError([RuleError(path, 1, "invalid TOML: nested too deeply")]) from None
     locator = Locator(text)
     errors: list[RuleError] = []
     for key in document:
