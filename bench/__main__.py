@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], str]] = {
     "cgroups": cgroups.main,
     "runtimes": runtimes.main,
     "devnode": devnode.main,
+    "headline": __import__("bench.headline", fromlist=["main"]).main,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
