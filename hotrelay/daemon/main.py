@@ -161,19 +161,27 @@ async def _heal(
     """The self-healing pass: device-cgroup grants a runtime took away (``runc update``,
     ``systemctl daemon-reload``) and nodes a container deleted, for settled bindings."""
     entries = []
+    # A v2 heal makes each program hold exactly the grants it is given: a container
+    # with any binding being applied or undone (its grant may be in the program, or on
+    # its way out) waits for the next pass, or its in-flight grants would be stripped.
+    busy: set[tuple[str, str]] = set()
     for entry in ledger.entries():
         record = entry.record
-        if entry.kind == "binding" and record.get("complete"):
-            try:
-                key = key_from_record(record["key"])
-            except (KeyError, ValueError, TypeError):
-                continue
-            if healable(key):
-                entries.append(entry)
+        if entry.kind != "binding":
+            continue
+        try:
+            key = key_from_record(record["key"])
+        except (KeyError, ValueError, TypeError):
+            continue
+        if record.get("complete") and healable(key):
+            entries.append((key, entry))
+        else:
+            busy.add((key.runtime.value, key.container))
     changed: dict[str, LedgerEntry] = {}
     grants = [
         (entry, step)
-        for entry in entries
+        for key, entry in entries
+        if (key.runtime.value, key.container) not in busy
         for step in entry.record.get("steps", [])
         if step.get("kind") == "GrantDevice" and "grant" in step.get("record", {})
     ]
@@ -187,7 +195,7 @@ async def _heal(
             for (entry, step), record in zip(grants, records, strict=True):
                 step["record"] = record
                 changed[entry.key] = entry
-    for entry in entries:
+    for _, entry in entries:
         for step in entry.record.get("steps", []):
             if step.get("kind") != "MakeNode":
                 continue

@@ -60,6 +60,7 @@ class DaemonOptions:
 @dataclass(frozen=True, slots=True)
 class _Tick:
     now: float
+    done: trio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,12 @@ class Daemon:
             return
         while True:
             await trio.sleep(interval)
-            await self._send.send(_Tick(trio.current_time()))
+            done = trio.Event()
+            await self._send.send(_Tick(trio.current_time(), done))
+            # One tick at a time. The pump takes everything queued before it plans: a
+            # heal pass longer than the interval (thousands of bindings) would otherwise
+            # always find the next tick queued, and the pump would never plan again.
+            await done.wait()
 
     # -- requests from outside -------------------------------------------------------
 
@@ -246,8 +252,12 @@ class Daemon:
             self._container_event(item)
         elif isinstance(item, _Tick):
             relay.tick(item.now)
-            if self._heal_pass is not None and self.ledger is not None:
-                self.stats.heals += await self._heal_pass(self.ledger, self._settled_binding)
+            try:
+                if self._heal_pass is not None and self.ledger is not None:
+                    self.stats.heals += await self._heal_pass(self.ledger, self._settled_binding)
+            finally:
+                if item.done is not None:
+                    item.done.set()
         elif isinstance(item, _Reload):
             await self._reload(item)
         elif isinstance(item, _Resync):

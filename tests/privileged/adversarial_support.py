@@ -42,6 +42,7 @@ __all__ = [
     "ledger_for",
     "mount_points",
     "netlink_portids",
+    "ours",
     "rss_kib",
     "v2_attach",
     "v2_programs",
@@ -60,6 +61,12 @@ path = "{path}"
 mode = "0640"
 group = {group}
 """
+
+
+def ours(prefix: str) -> str:
+    """A cgroup: target for the sandboxes this test process names ``prefix``: sandbox
+    names carry our pid, so another test session on the same host is never matched."""
+    return f"cgroup:/hotrelay-test/{prefix}-{os.getpid()}-*"
 
 
 def zram_rules(

@@ -40,6 +40,7 @@ from adversarial_support import (
     inside_state,
     ledger,
     ledger_for,
+    ours,
     status_counters,
     zram_rules,
 )
@@ -324,7 +325,7 @@ def test_a_deleted_node_is_healed_and_a_replaced_one_is_left_alone(stack: ExitSt
 CHURN_RULE = """
 [[rule]]
 name = "churn"
-target = ["cgroup:/hotrelay-test/victim-*", "cgroup:/hotrelay-test/survivor-*"]
+target = ["{victims}", "{survivors}"]
 [rule.match]
 subsystem = "block"
 kernel = "zram*"
@@ -344,7 +345,8 @@ def test_containers_exiting_mid_action_leave_a_true_ledger_and_no_zombies(
     holds the survivor's bindings and nothing else, and every helper is reaped."""
     rng = random.Random(int(os.environ.get("HOTRELAY_SEED", "0")) or time.time_ns())
     survivor = sandbox(stack, prefix="survivor")
-    daemon = stack.enter_context(RunningDaemon({"10-churn.toml": CHURN_RULE}))
+    churn = CHURN_RULE.replace("{victims}", ours("victim")).replace("{survivors}", ours("survivor"))
+    daemon = stack.enter_context(RunningDaemon({"10-churn.toml": churn}))
     assert daemon.process is not None
     devices: list[ZramDevice] = []
 
@@ -400,9 +402,7 @@ def test_the_helper_of_a_container_that_exits_while_idle_is_reaped(stack: ExitSt
     stayed a zombie (and its socket open in the daemon) until the daemon exited, one
     per container that had ever had a device."""
     zram = stack.enter_context(ZramDevice())
-    daemon = stack.enter_context(
-        RunningDaemon(zram_rules("cgroup:/hotrelay-test/idle-*", kernel=zram.name))
-    )
+    daemon = stack.enter_context(RunningDaemon(zram_rules(ours("idle"), kernel=zram.name)))
     assert daemon.process is not None
     fds = fd_count(daemon.process.pid)
     box = Sandbox.create(devices="default-deny", name_prefix="idle")
@@ -488,7 +488,7 @@ def test_pid_reuse_while_the_daemon_is_down_touches_only_the_dead_container(
     entry of the dead container goes, and the impostor's node stays."""
     box = sandbox(stack, prefix="reuse")
     pid = box.pid
-    daemon = stack.enter_context(RunningDaemon(zram_rules("cgroup:/hotrelay-test/reuse-*")))
+    daemon = stack.enter_context(RunningDaemon(zram_rules(ours("reuse"))))
     zram = stack.enter_context(ZramDevice())
     eventually(lambda: node_state(box, f"/dev/disks/{zram.name}") == "ok", timeout=5)
     entry = eventually(

