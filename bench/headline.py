@@ -242,6 +242,19 @@ def storm_report(result: StormResult, plotted: bool, scale_note: str) -> list[st
     }
     for s in result.storms:
         roof = ceiling[s.burst.size]
+        if s.disturbed:
+            why = (
+                f"emitter failed: {s.burst.error}"
+                if s.burst.error
+                else "another process took the matching disk's zram index"
+                if s.mismatch
+                else f"{s.foreign:,} uevents of other processes arrived meanwhile"
+            )
+            lines.append(
+                f"| {s.mix} | {s.burst.size:,} ({s.attempts} tries) | invalid: {_clip(why, 90)} "
+                "| | | | | | | | | |"
+            )
+            continue
         lost = f"{s.lost:,}" if s.overflows == 0 else f">= {s.lost:,} (overflow; resync)"
         state = f"{s.correct}/{result.containers}"
         after = f"{s.end_state:.2f}" if s.end_state is not None else "never"
@@ -253,6 +266,9 @@ def storm_report(result: StormResult, plotted: bool, scale_note: str) -> list[st
         )
     lines += [""]
     for s in result.storms:
+        if s.disturbed:
+            lines.append(f"- {s.mix} rules, {s.burst.size:,}: no valid run (see the table)")
+            continue
         ok = s.rate / ceiling[s.burst.size] >= TARGET_STORM and s.correct == result.containers
         lines.append(
             f"- {s.mix} rules, {s.burst.size:,}: {s.rate / ceiling[s.burst.size]:.0%} of the "
@@ -287,9 +303,9 @@ def cost_report(result: StormResult) -> list[str]:
     idle, after = result.idle, result.after
     growth = after.rss_kb / idle.rss_kb - 1
     helpers = (
-        f"{idle.helpers} namespace helpers (one per container that has a device): "
-        f"{idle.helpers_rss_kb / 1024:.0f} MiB RSS together, {idle.helpers_pss_kb / 1024:.0f} "
-        f"MiB PSS"
+        f"{idle.helpers} namespace helpers (one per container with a device; "
+        f"{idle.helpers_rss_kb / 1024:.0f} MiB RSS, {idle.helpers_pss_kb / 1024:.0f} MiB PSS "
+        "together)"
     )
     return [
         "### 3. Cost",
@@ -313,7 +329,8 @@ def cost_report(result: StormResult) -> list[str]:
         "MiB (in storm order): it follows the largest backlog of events queued inside the "
         "daemon, and CPython keeps the freed memory; see the storm table.",
         "",
-        f"Idle: after one warm-up plug into every container (so the {helpers} exist), "
+        f"Idle: measured after one warm-up plug into every container, so the {helpers} "
+        "exist, "
         f"in a window where the daemon received {result.idle_heard} uevents. The soak is every "
         "storm above, on the same daemon; its RSS after each storm is in the storm table.",
         *(f"Note: {note}" for note in result.notes),

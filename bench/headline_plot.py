@@ -113,7 +113,7 @@ def storm_throughput(result: StormResult, path: Path) -> bool:
         ),
     ]
     for mix in result.mixes:
-        rates = [s.rate for s in result.storms if s.mix == mix]
+        rates = [0.0 if s.disturbed else s.rate for s in result.storms if s.mix == mix]
         series.append((f"hotrelay run ({mix} rules)", rates))
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series):

@@ -364,6 +364,9 @@ def intent_violations(
     judged: the host may plug others meanwhile, which the rule relays too."""
     problems: list[str] = []
     programs = set(with_program)
+    # A device of ours can vanish under us when another test session on this host
+    # hot-removes by index (its own device gone, ours took the number): not ours to judge.
+    devices = [d for d in devices if d.present]
     present = {(d.major, d.minor): d for d in devices}
     left = [d for d in gone if (d.major, d.minor) not in present and not host_has(d.major, d.minor)]
     for box in boxes:

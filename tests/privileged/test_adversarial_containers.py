@@ -370,13 +370,12 @@ def test_containers_exiting_mid_action_leave_a_true_ledger_and_no_zombies(
             time.sleep(rng.uniform(0, 1.5))  # the cgroup watcher polls every second
         finally:
             victim.close()
-    present = {d.name for d in devices}
 
     def settled() -> bool:
         # Only our own devices: the host (or another test session) may plug zram
         # devices of its own meanwhile, which the rule relays too.
         entries = [e for e in ledger(daemon) if "churn" in e["key"]]
-        mine = {f"/devices/virtual/block/{name}" for name in present}
+        mine = {d.devpath for d in devices if d.present}
         by_device = {e["key"].split(" ")[1]: e for e in entries if e["key"].split(" ")[1] in mine}
         return (
             {e["record"]["container"]["pid"] for e in entries} <= {survivor.pid}
@@ -385,7 +384,7 @@ def test_containers_exiting_mid_action_leave_a_true_ledger_and_no_zombies(
         )
 
     eventually(settled, timeout=20)
-    paths = [f"/dev/churn/{name}" for name in present]
+    paths = [f"/dev/churn/{d.name}" for d in devices if d.present]
     states = inside_state(survivor, paths)
     assert set(states.values()) == {"ok"}, states
     with contextlib.suppress(TimeoutError):
