@@ -20,6 +20,7 @@ from hotrelay.core.device_access import DeviceRule, DeviceType, parse_devices_li
 from hotrelay.core.plan import GrantDevice, InjectUevent, MakeNode, MakeSymlink, MoveNetdev
 from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.executor import EffectorError
+from hotrelay.effectors.cgroup_v2 import V2Grant, render_rule
 from hotrelay.effectors.cgroups import DeviceGrants, GrantRecord
 from hotrelay.effectors.devnode import DeviceNodes, NodeRecord, SymlinkRecord
 from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
@@ -70,7 +71,8 @@ class CgroupEffector:
         self._devices_root = devices_root
 
     def prepare(self, action: GrantDevice) -> Record:
-        cgroup = _resolved(action).devices_cgroup
+        container = _resolved(action)
+        cgroup = container.devices_cgroup
         # Recorded before the grant: if we crash before the grant's own record reaches
         # the ledger, the undo must know whether the container had this access already.
         return {
@@ -78,6 +80,8 @@ class CgroupEffector:
             "rule": action.device.render(),
             "devices_cgroup": cgroup,
             "already_allowed": _already_allowed(cgroup, action.device, self._devices_root),
+            "unified_cgroup": container.unified_cgroup,
+            "base_rules": [render_rule(r) for r in container.base_device_rules],
         }
 
     async def apply(self, action: GrantDevice, record: Record) -> Record:
@@ -92,6 +96,18 @@ class CgroupEffector:
         # Only prepared: the grant may have half-happened. On v1 a deny of exactly
         # this rule takes back whatever we might have added; the kernel checks both
         # layers, so on hybrid hosts a v1 deny closes the device whatever v2 says.
+        self._undo_pending_v1(record)
+        # On v2 the grant may sit in our programs' prefix, and on a pure cgroup2 host
+        # nothing else would ever take it out: revoke it wherever it is one of ours
+        # (a program that does not hold it is left as it is).
+        unified = record.get("unified_cgroup")
+        v2 = self._grants.v2
+        if unified is not None and v2 is not None:
+            rules = tuple(str(r) for r in record.get("base_rules", ()))
+            pending = V2Grant(str(unified), str(record["rule"]), v2.tree(str(unified)), rules)
+            v2.revoke(pending)
+
+    def _undo_pending_v1(self, record: Record) -> None:
         cgroup = record.get("devices_cgroup")
         if cgroup is None or record.get("already_allowed") is not False:
             return

@@ -319,6 +319,12 @@ class CgroupV2Devices:
                 )
         return V2Reconciled(tuple(updated.get(id(r), r) for r in records), heals, tuple(errors))
 
+    def tree(self, cgroup: str) -> tuple[str, ...]:
+        """The cgroup and every cgroup below it, relative to the root, parents first
+        (empty if it is gone): where a grant of that container may be."""
+        top = self._abs(cgroup)
+        return tuple(self._rel(path) for path in self._tree(top)) if top.is_dir() else ()
+
     def attached(self, cgroup: str) -> tuple[int, ...]:
         """Program ids attached to a cgroup now (for tests and status)."""
         fd = bpf.open_cgroup(self._abs(cgroup))

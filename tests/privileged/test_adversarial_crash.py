@@ -296,3 +296,29 @@ def test_kill_9_after_a_node_or_link_is_made_but_not_recorded(point: str, userns
             }
 
         eventually(gone, timeout=10)
+
+
+def test_kill_9_after_a_v2_grant_then_unplug_leaves_no_grant_in_the_program() -> None:
+    """SIGKILL after the grant is in the container's cgroup-v2 device program but before
+    the ledger says so, and the device leaves while the daemon is down. The restart
+    undoes the unfinished grant: before the fix only on v1 (which on this hybrid host
+    hides it), so the v2 program kept allowing the device for good, and on a pure
+    cgroup2 host nothing else would have closed it."""
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create()
+        stack.callback(box.close)
+        v2_attach(box)
+        rules = {"10-single.toml": SINGLE.format(pid=box.pid, name=zram.name)}
+        daemon = RunningDaemon(rules, config=CONFIG)
+        stack.callback(daemon.close)
+        daemon.start(env={"HOTRELAY_TEST_CRASH_AT": "applied:GrantDevice"}, wait=False)
+        assert daemon.wait_exit() == -9
+        (program,) = v2_programs(box)
+        found = bp.split_prepended(program)
+        assert found is not None  # the crash left our grant in the program
+        assert [(g.major, g.minor) for g in found.grants] == [(zram.major, zram.minor)]
+        zram.remove()
+        daemon.start()
+        eventually(lambda: ledger_for(daemon, zram.devpath) == [], timeout=10)
+        eventually(lambda: v2_programs(box) == (RUNTIME_PROGRAM,), timeout=5)
