@@ -326,8 +326,9 @@ def cost_report(result: StormResult) -> list[str]:
         f"{after.helpers_rss_kb / 1024:.0f} MiB RSS | |",
         "",
         f"RSS after each storm: {', '.join(f'{s.rss_after_kb / 1024:.0f}' for s in result.storms)} "
-        "MiB (in storm order): it follows the largest backlog of events queued inside the "
-        "daemon, and CPython keeps the freed memory; see the storm table.",
+        "MiB (in storm order). A storm's backlog waits in the netlink socket's buffer "
+        "(kernel memory, bounded by `rcvbuf`), not in the daemon: at most "
+        "`pump.INPUT_BUFFER` batches of parsed uevents are queued inside it.",
         "",
         f"Idle: measured after one warm-up plug into every container, so the {helpers} "
         "exist, "
