@@ -78,7 +78,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def test_check_ok(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["check", str(rules_dir)], capsys)
     assert (code, err) == (0, "")
-    assert out == f"{rules_dir}: 3 rules in 1 file, ok (0 indexed, 3 scanned)\n"
+    assert out == f"{rules_dir}: 3 rules in 1 file, ok (1 indexed, 2 scanned)\n"
 
 
 def test_check_prints_path_line_messages_and_exits_1(

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotrelay.core.rules import (
+    Attr,
     Attrs,
     Condition,
     DeviceView,
@@ -506,6 +507,8 @@ def _rule(draw: st.DrawFn, number: int) -> Rule:
     if draw(st.integers(0, 3)) == 0:
         conditions.append(Env("ID_SERIAL", draw(_pattern(["Silicon_Labs_CP2102_0001", "S*"]))))
     if draw(st.integers(0, 3)) == 0:
+        conditions.append(Attr("disksize", draw(_pattern(["0", "4096", "4*", "!0"]))))
+    if draw(st.integers(0, 3)) == 0:
         conditions.append(
             Attrs(
                 (
@@ -546,3 +549,28 @@ def test_the_index_files_rules_under_their_most_selective_key() -> None:
     assert [r.name for r in rules.index.candidates(ctx)] == ["b"]
     ctx = MatchContext(TTY_ADD, TTY)
     assert [r.name for r in rules.index.candidates(ctx)] == ["a", "b"]
+
+
+def test_exact_attributes_index_rules_that_have_nothing_cheaper() -> None:
+    """Twenty zram disks told apart by size: filed under their size, so an event on a
+    disk of another size tries none of them (they were scanned on every event)."""
+    rules = ruleset(
+        "".join(
+            f'[[rule]]\nname = "z{i}"\ntarget = "lxc:c"\n[rule.match]\nsubsystem = "block"\n'
+            f'kernel = "zram*"\nattr.disksize = "{i * 4096}"\n'
+            for i in range(20)
+        )
+        + '[[rule]]\nname = "named"\ntarget = "lxc:c"\n[rule.match]\nkernel = "zram1"\n'
+        'attr.disksize = "0"\n'
+    )
+    assert rules.index.stats() == {"rules": 21, "subsystems": 1, "scanned": 0}
+    ctx = MatchContext(ZRAM_ADD, ZRAM)  # disksize "0"
+    assert [r.name for r in rules.index.candidates(ctx)] == ["z0", "named"]
+    assert [r.name for r in rules.match(ZRAM_ADD, ZRAM)] == ["z0", "named"]
+    other = RecordedDevice("/devices/virtual/block/zram1", "block", "disk", None, {"disksize": "1"})
+    # "named" is filed under its kernel name (no sysfs read to find it) and then
+    # tried; none of the twenty is.
+    assert [r.name for r in rules.index.candidates(MatchContext(ZRAM_ADD, other))] == ["named"]
+    assert rules.match(ZRAM_ADD, other) == []
+    # No sysfs (a removal): no value, so none of the twenty, as the condition says.
+    assert [r.name for r in rules.index.candidates(MatchContext(ZRAM_ADD, None))] == ["named"]

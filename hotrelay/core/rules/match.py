@@ -218,20 +218,26 @@ FEATURES: Mapping[str, Callable[[MatchContext], str | None]] = {
     "devtype": lambda ctx: ctx.event.devtype,
     "action": lambda ctx: ctx.event.action,
 }
-# "env:KEY" features (any property) rank after the node name, before the driver.
+# "env:KEY" features (any property) rank after the node name, before the driver;
+# "attr:NAME" (a sysfs attribute of the device) last, as the only one that reads sysfs
+# for the device itself: a rule is filed under it only when it has nothing cheaper.
 _RANKED = [*FEATURES]
 _RANKED.insert(_RANKED.index("driver"), "env")
+_RANKED.append("attr")
 FEATURE_PRIORITY = {name: rank for rank, name in enumerate(_RANKED)}
 
 
 def _feature_value(ctx: MatchContext, name: str) -> str | None:
     if name.startswith("env:"):
         return ctx.prop(name[4:])
+    if name.startswith("attr:"):
+        return ctx.attribute(name[5:])
     return FEATURES[name](ctx)
 
 
 def feature_rank(name: str) -> int:
-    return FEATURE_PRIORITY["env" if name.startswith("env:") else name]
+    kind, colon, _ = name.partition(":")
+    return FEATURE_PRIORITY[kind if colon else name]
 
 
 IndexKeys = tuple[tuple[str, frozenset[str]], ...]
@@ -416,13 +422,16 @@ class Attr:
         return self.pattern.matches(ctx.attribute(self.name))
 
     def explain(self, ctx: MatchContext) -> str | None:
+        actual = ctx.attribute(self.name)
+        if self.pattern.matches(actual):
+            return None  # also with no sysfs view: a negation holds for a missing value
         if ctx.device is None:
             return f"{self.key}: no sysfs view of {ctx.event.devpath} (device not present)"
-        actual = ctx.attribute(self.name)
-        return None if self.pattern.matches(actual) else _mismatch(self.key, actual, self.pattern)
+        return _mismatch(self.key, actual, self.pattern)
 
     def index_keys(self) -> IndexKeys:
-        return ()
+        exact = self.pattern.indexable
+        return () if exact is None else ((f"attr:{self.name}", exact),)
 
 
 def _id_conditions_explain(
