@@ -35,6 +35,7 @@ from hotrelay.daemon.metrics import DaemonMetrics
 from hotrelay.daemon.sdnotify import Notifier
 from hotrelay.daemon.source import EventSource, Overflow, SourceItem, SourceKind
 from hotrelay.errors import HotrelayError
+from hotrelay.kernel import libc
 from hotrelay.runtimes import Adapter
 from hotrelay.sysfs import LazySysfsDevice
 
@@ -47,7 +48,12 @@ log = logging.getLogger("hotrelay")
 # socket's buffer (``rcvbuf``, kernel memory, and ENOBUFS then resync when it is full),
 # not in Python objects; a deep queue here once held two million parsed uevents and
 # left the daemon's RSS three times its idle size after a soak.
-INPUT_BUFFER = 16
+INPUT_BUFFER = 4
+# After this many events (or an overflow's resync), once the queue is empty, the C heap's
+# free pages go back to the kernel: uevents and their dicts are mostly too big for
+# CPython's small-object allocator, and a storm otherwise leaves glibc's heap at its
+# high-water mark for good.
+TRIM_AFTER_EVENTS = 100_000
 
 SYSFS = Path("/sys")
 UEVENT_SEQNUM = SYSFS / "kernel" / "uevent_seqnum"
@@ -125,6 +131,7 @@ class Daemon:
         self.applied_since: dict[BindingKey, float] = {}
         self._send, self._receive = trio.open_memory_channel[_Input](INPUT_BUFFER)
         self._seqnum_floor = 0
+        self._untrimmed = 0  # events since the last malloc_trim
         self.relay = Relay()
         self.source: EventSource | None = None
         self.ledger: Ledger | None = None
@@ -245,6 +252,9 @@ class Daemon:
             self._sync_metrics()
             if relay.is_settled():
                 self._settled.set()
+            if self._untrimmed >= TRIM_AFTER_EVENTS:
+                self._untrimmed = 0
+                libc.malloc_trim()
 
     async def _handle(self, item: _Input) -> None:
         relay = self.relay
@@ -274,12 +284,14 @@ class Daemon:
             await self._events(item)
 
     async def _events(self, batch: Sequence[SourceItem]) -> None:
+        self._untrimmed += len(batch)
         floor = self._seqnum_floor
         for item in batch:
             if isinstance(item, Overflow):
                 self.stats.overflows += 1
                 log.warning("uevent overflow: the kernel dropped events; resynchronising")
                 await self._resync_devices("overflow")
+                self._untrimmed = TRIM_AFTER_EVENTS
                 floor = self._seqnum_floor
                 continue
             if item.seqnum is not None and item.seqnum <= floor:

@@ -106,3 +106,16 @@ def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send signum when the parent (thread) that forked us exits."""
     if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) < 0:
         oserror("prctl(PR_SET_PDEATHSIG)")
+
+
+def malloc_trim() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim(0)).
+
+    True if memory was released; False if none was, or the C library has no such call.
+    """
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
