@@ -35,12 +35,13 @@ def _link_name(path: Path) -> str | None:
 class SysfsDevice:
     """One device directory under ``ROOT/devices``."""
 
-    __slots__ = ("_properties", "path", "root")
+    __slots__ = ("_dir", "_properties", "path", "root")
 
     def __init__(self, path: Path, root: Path = SYSFS) -> None:
         self.path = path
         self.root = root
         self._properties: dict[str, str] | None = None
+        self._dir = os.fspath(path)  # attribute() joins strings: pathlib cost ~5 us a read
 
     @classmethod
     def from_syspath(cls, path: Path, root: Path = SYSFS) -> SysfsDevice:
@@ -103,16 +104,15 @@ class SysfsDevice:
     def attribute(self, name: str) -> str | None:
         if not name or "/" in name or name in (".", ".."):
             return None
-        path = self.path / name
+        path = f"{self._dir}/{name}"
         try:
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
                 # As udev: a link attribute (driver, subsystem, module) is its target's name.
-                return _link_name(path)
+                return _link_name(Path(path))
             if not stat.S_ISREG(info.st_mode):
                 return None
-            with open(path, "rb") as f:
-                data = f.read(_MAX_ATTRIBUTE + 1)
+            data = _read_at_most(path, _MAX_ATTRIBUTE + 1)
         except OSError:
             return None  # absent, write-only (remove, rescan) or gone mid-read
         if len(data) > _MAX_ATTRIBUTE:
@@ -143,6 +143,22 @@ class SysfsDevice:
 
     def __repr__(self) -> str:
         return f"SysfsDevice({str(self.path)!r})"
+
+
+def _read_at_most(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def resolve_device(spec: str, root: Path = SYSFS) -> SysfsDevice:

@@ -211,7 +211,7 @@ class Relay:
         self._applied: dict[BindingKey, str] = {}  # key -> fingerprint
         self._inflight: dict[BindingKey, Job] = {}
         self._retry: dict[BindingKey, _Retry] = {}
-        self._notify: dict[BindingKey, NotifyJob] = {}
+        self._notify: dict[BindingKey, Uevent] = {}  # the latest change to tell
         self._dirty: set[BindingKey] = set()
         self._now = 0.0
 
@@ -367,12 +367,14 @@ class Relay:
                 jobs.append(job)
         self._dirty.clear()
         for key in list(self._notify):
-            if key not in self._inflight and self._applied.get(key) is not None:
-                job = self._notify.pop(key)
-                self._inflight[key] = job
-                jobs.append(job)
-            elif key not in self._desired:
+            binding = self._desired.get(key)
+            if binding is None:
                 del self._notify[key]
+            elif key not in self._inflight and self._applied.get(key) is not None:
+                notify = _notify_job(binding, self._notify.pop(key))
+                if notify is not None:
+                    self._inflight[key] = notify
+                    jobs.append(notify)
         return jobs
 
     def _job_for(self, key: BindingKey) -> Job | None:
@@ -457,16 +459,10 @@ class Relay:
             self._set_device(dev.uevent, rules)
             return
         for key in self._by_devpath.get(uevent.devpath, ()):
-            binding = self._desired[key]
-            injections = tuple(
-                InjectUevent(
-                    binding.container, _inside_view(uevent, binding.actions), a.wire, a.origin
-                )
-                for a in binding.actions
-                if isinstance(a, InjectUevent)
-            )
-            if injections:
-                self._notify[key] = NotifyJob(key, injections)
+            # Only the latest change is told, when the container's queue is free: the
+            # job is built then (a storm of changes to a device relayed into a hundred
+            # containers once built a hundred messages per event to throw away).
+            self._notify[key] = uevent
 
 
 def _share_grant(bindings: Sequence[Binding]) -> list[Binding]:
@@ -489,6 +485,17 @@ def _share_grant(bindings: Sequence[Binding]) -> list[Binding]:
         i for i, b in enumerate(bindings) if any(isinstance(a, GrantDevice) for a in b.actions)
     )
     return [b.with_grant(union if i == holder else None) for i, b in enumerate(bindings)]
+
+
+def _notify_job(binding: Binding, uevent: Uevent) -> NotifyJob | None:
+    """The change ``uevent`` told to the binding's container, as its rule says (None:
+    the rule sends no uevents)."""
+    injections = tuple(
+        InjectUevent(binding.container, _inside_view(uevent, binding.actions), a.wire, a.origin)
+        for a in binding.actions
+        if isinstance(a, InjectUevent)
+    )
+    return NotifyJob(binding.key, injections) if injections else None
 
 
 def _inside_view(uevent: Uevent, actions: Sequence[Action]) -> Uevent:
