@@ -266,6 +266,27 @@ def test_change_event_notifies_containers_that_have_the_device() -> None:
     assert relay.is_settled()
 
 
+def test_changes_while_a_container_is_busy_are_told_once_the_latest() -> None:
+    relay = Relay(rules())
+    relay.container_started(HA)
+    relay.device_event(zram(1))
+    drain(relay)
+    relay.device_event(zram(1, "change", N="1"))
+    (first,) = relay.next_jobs()  # in flight: the next changes wait
+    for n in range(2, 6):
+        relay.device_event(zram(1, "change", N=str(n)))
+    assert relay.next_jobs() == []
+    relay.job_done(first)
+    (latest,) = relay.next_jobs()
+    assert isinstance(latest, NotifyJob)
+    (inject,) = latest.actions
+    assert isinstance(inject, InjectUevent)
+    assert inject.uevent.get("N") == "5"
+    assert inject.uevent.get("DEVNAME") == "disks/zram1"  # the container's path, as always
+    relay.job_done(latest)
+    assert relay.is_settled()
+
+
 def test_overflow_resync_catches_up_with_lost_events() -> None:
     relay = Relay(rules())
     relay.container_started(HA)
