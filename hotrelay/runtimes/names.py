@@ -241,5 +241,6 @@ async def resolve_owner_async(
     if not any(isinstance(v, str) and not v.isdigit() for v in (user, group)):
         # Numbers only (the default): no file to read, so no thread hop, which would
         # cost a good part of a millisecond on the hotplug path.
+        await trio.lowlevel.checkpoint()
         return resolve_owner(container, user=user, group=group)
     return await trio.to_thread.run_sync(lambda: resolve_owner(container, user=user, group=group))
