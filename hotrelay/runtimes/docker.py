@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from hotrelay.core.containers import ContainerRef, Runtime
 from hotrelay.core.device_access import DeviceRule
 from hotrelay.runtimes.base import STREAM_ERRORS, Adapter, HintSend, log
-from hotrelay.runtimes.errors import ContainerGone, RuntimeApiError, RuntimeUnavailable
+from hotrelay.runtimes.engine_json import names_in_event, ref_from_inspect, refs_from_summaries
+from hotrelay.runtimes.errors import RuntimeApiError, RuntimeUnavailable
 from hotrelay.runtimes.http import HttpStatusError, UnixHttpClient
 from hotrelay.runtimes.oci import read_state_file
-from hotrelay.runtimes.procfs import snapshot
 
 __all__ = ["DEFAULT_DOCKER_SOCKET", "DockerAdapter"]
 
@@ -64,19 +62,7 @@ class DockerAdapter(Adapter):
     async def _list_running(self) -> list[ContainerRef]:
         self._check_socket()
         summaries = await self.client.get_json(f"/{API_VERSION}/containers/json")
-        if not isinstance(summaries, list):
-            raise RuntimeApiError("GET /containers/json did not return a list")
-        refs = []
-        for summary in summaries:
-            if not isinstance(summary, dict) or not isinstance(summary.get("Id"), str):
-                continue
-            try:
-                ref = await self._inspect(summary["Id"])
-            except ContainerGone:
-                continue
-            if ref is not None:
-                refs.append(ref)
-        return refs
+        return await refs_from_summaries(summaries, self._inspect, "docker")
 
     async def _lookup(self, name: str) -> ContainerRef | None:
         self._check_socket()
@@ -90,24 +76,7 @@ class DockerAdapter(Adapter):
             if exc.status == 404:
                 return None
             raise
-        return self._ref_from_inspect(data)
-
-    def _ref_from_inspect(self, data: Any) -> ContainerRef | None:
-        if not isinstance(data, dict):
-            raise RuntimeApiError("container inspect did not return an object")
-        state = data.get("State") or {}
-        pid = state.get("Pid")
-        if not state.get("Running") or not isinstance(pid, int) or pid <= 0:
-            return None
-        container_id = str(data.get("Id", ""))
-        name = str(data.get("Name", "")).lstrip("/") or container_id
-        return snapshot(
-            self.runtime,
-            name,
-            pid,
-            id=container_id,
-            base_device_rules=self._device_rules(container_id, pid),
-        )
+        return ref_from_inspect(self.runtime, data, self._device_rules, "docker")
 
     def _device_rules(self, container_id: str, pid: int) -> tuple[DeviceRule, ...]:
         if self.exec_root is None or not container_id:
@@ -139,7 +108,7 @@ class DockerAdapter(Adapter):
                         outage = False
                         send.send_nowait(None)  # events were missed: list everything
                     while (event := await response.next_json()) is not None:
-                        for name in self._names_in_event(event):
+                        for name in names_in_event(event):
                             send.send_nowait(name)
                 raise RuntimeApiError("event stream ended")
             except STREAM_ERRORS as exc:
@@ -149,11 +118,3 @@ class DockerAdapter(Adapter):
                     started = True
                 outage = True
                 await trio.sleep(RECONNECT_DELAY)
-
-    @staticmethod
-    def _names_in_event(event: Mapping[str, Any]) -> list[str]:
-        if not isinstance(event, dict) or event.get("Type", "container") != "container":
-            return []
-        attributes = (event.get("Actor") or {}).get("Attributes") or {}
-        names = [attributes.get("name"), attributes.get("oldName")]
-        return [str(n).lstrip("/") for n in names if isinstance(n, str) and n]

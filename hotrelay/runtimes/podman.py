@@ -26,11 +26,10 @@ import trio
 from hotrelay.core.containers import ContainerRef, Runtime
 from hotrelay.core.device_access import DeviceRule
 from hotrelay.runtimes.base import STREAM_ERRORS, Adapter, HintSend, log
-from hotrelay.runtimes.docker import DockerAdapter
-from hotrelay.runtimes.errors import ContainerGone, RuntimeApiError
+from hotrelay.runtimes.engine_json import names_in_event, ref_from_inspect, refs_from_summaries
+from hotrelay.runtimes.errors import RuntimeApiError
 from hotrelay.runtimes.http import HttpStatusError, UnixHttpClient
 from hotrelay.runtimes.oci import read_state_file
-from hotrelay.runtimes.procfs import snapshot
 from hotrelay.runtimes.tools import find_tool, run_tool
 
 __all__ = ["DEFAULT_PODMAN_SOCKET", "PodmanAdapter"]
@@ -80,19 +79,7 @@ class PodmanAdapter(Adapter):
         else:
             result = await run_tool(self._podman("ps", "--format", "json"))
             summaries = self._json(result.check().stdout, "podman ps")
-        if not isinstance(summaries, list):
-            raise RuntimeApiError("podman: the container list is not a list")
-        refs = []
-        for summary in summaries:
-            if not isinstance(summary, dict) or not isinstance(summary.get("Id"), str):
-                continue
-            try:
-                ref = await self._inspect(summary["Id"])
-            except ContainerGone:
-                continue
-            if ref is not None:
-                refs.append(ref)
-        return refs
+        return await refs_from_summaries(summaries, self._inspect, "podman")
 
     async def _lookup(self, name: str) -> ContainerRef | None:
         return await self._inspect(name)
@@ -118,7 +105,7 @@ class PodmanAdapter(Adapter):
             if not isinstance(found, list) or not found:
                 return None
             data = found[0]
-        return self._ref_from_inspect(data)
+        return ref_from_inspect(self.runtime, data, self._device_rules, "podman")
 
     @staticmethod
     def _json(text: str, what: str) -> Any:
@@ -126,23 +113,6 @@ class PodmanAdapter(Adapter):
             return json.loads(text)
         except ValueError as exc:
             raise RuntimeApiError(f"{what} did not print JSON: {exc}") from None
-
-    def _ref_from_inspect(self, data: Any) -> ContainerRef | None:
-        if not isinstance(data, dict):
-            raise RuntimeApiError("podman: container inspect is not an object")
-        state = data.get("State") or {}
-        pid = state.get("Pid")
-        if not state.get("Running") or not isinstance(pid, int) or pid <= 0:
-            return None
-        container_id = str(data.get("Id", ""))
-        name = str(data.get("Name", "")).lstrip("/") or container_id
-        return snapshot(
-            self.runtime,
-            name,
-            pid,
-            id=container_id,
-            base_device_rules=self._device_rules(container_id, pid),
-        )
 
     def _device_rules(self, container_id: str, pid: int) -> tuple[DeviceRule, ...]:
         for root in self.runc_roots:
@@ -192,7 +162,7 @@ class PodmanAdapter(Adapter):
         async with self.client.stream("GET", f"{API_PREFIX}/events?{query}") as response:
             subscribed()
             while (event := await response.next_json()) is not None:
-                for name in DockerAdapter._names_in_event(event):
+                for name in names_in_event(event):
                     send.send_nowait(name)
 
     async def _tool_events(self, send: HintSend, subscribed: Callable[[], None]) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hotrelay.core.containers import IdMap
+from hotrelay.core.containers import ContainerRef, IdMap, Runtime
 from hotrelay.core.device_access import Access, DeviceRule, DeviceType
-from hotrelay.runtimes.docker import DockerAdapter
-from hotrelay.runtimes.errors import RuntimeApiError
+from hotrelay.runtimes.engine_json import names_in_event, ref_from_inspect, refs_from_summaries
+from hotrelay.runtimes.errors import ContainerGone, RuntimeApiError
 from hotrelay.runtimes.lxc import LxcAdapter, parse_config_items, parse_idmap_items
 from hotrelay.runtimes.lxd import LxdAdapter, _join_name, _split_name
 from hotrelay.runtimes.nspawn import parse_machine_file
@@ -244,11 +246,43 @@ def test_docker_event_names() -> None:
         "Action": "die",
         "Actor": {"ID": "8dcb", "Attributes": {"exitCode": "137", "name": "dk1"}},
     }
-    assert DockerAdapter._names_in_event(event) == ["dk1"]
+    assert names_in_event(event) == ["dk1"]
     rename = {"Type": "container", "Action": "rename",
               "Actor": {"Attributes": {"name": "new", "oldName": "/old"}}}  # fmt: skip
-    assert DockerAdapter._names_in_event(rename) == ["new", "old"]
-    assert DockerAdapter._names_in_event({"Type": "network", "Actor": {}}) == []
+    assert names_in_event(rename) == ["new", "old"]
+    assert names_in_event({"Type": "network", "Actor": {}}) == []
+
+
+def test_inspect_object_to_container() -> None:
+    def rules(container_id: str, pid: int) -> tuple[DeviceRule, ...]:
+        return (
+            (DeviceRule.parse("c 1:3 rwm"),) if (container_id, pid) == ("8dcb", os.getpid()) else ()
+        )
+
+    running = {"Id": "8dcb", "Name": "/dk1", "State": {"Running": True, "Pid": os.getpid()}}
+    ref = ref_from_inspect(Runtime.DOCKER, running, rules, "docker")
+    assert ref is not None
+    assert (ref.runtime, ref.name, ref.id, ref.pid) == (Runtime.DOCKER, "dk1", "8dcb", os.getpid())
+    assert ref.base_device_rules == (DeviceRule.parse("c 1:3 rwm"),)
+    stopped = {"Id": "8dcb", "Name": "/dk1", "State": {"Running": False, "Pid": 0}}
+    assert ref_from_inspect(Runtime.DOCKER, stopped, rules, "docker") is None
+    with pytest.raises(RuntimeApiError, match="podman: container inspect is not an object"):
+        ref_from_inspect(Runtime.PODMAN, ["not", "an", "object"], rules, "podman")
+
+
+async def test_summaries_skip_what_is_gone_or_malformed() -> None:
+    async def inspect(name: str) -> ContainerRef | None:
+        if name == "gone":
+            raise ContainerGone(name)
+        if name == "stopped":
+            return None
+        return ContainerRef(Runtime.PODMAN, name, pid=os.getpid())
+
+    summaries = [{"Id": "a"}, {"Id": "gone"}, {"Id": 7}, "junk", {"Id": "stopped"}, {"Id": "b"}]
+    refs = await refs_from_summaries(summaries, inspect, "podman")
+    assert [r.name for r in refs] == ["a", "b"]
+    with pytest.raises(RuntimeApiError, match="docker: the container list is not a list"):
+        await refs_from_summaries({"Id": "a"}, inspect, "docker")
 
 
 def test_podman_tool_event_names() -> None:
