@@ -102,10 +102,16 @@ def key_from_record(record: Mapping[str, Any]) -> BindingKey:
     )
 
 
+# Work that must not overlap a container's jobs but reports nothing to the relay (the
+# heal pass's node checks): run in the container's queue, in order with its jobs.
+Task = Callable[[], Awaitable[None]]
+
+
 @dataclass(slots=True)
 class _Worker:
-    send: trio.MemorySendChannel[Job]
+    send: trio.MemorySendChannel[Job | Task]
     pending: int = 0
+    tasks: int = 0  # of pending, how many are tasks
 
 
 @dataclass(slots=True)
@@ -145,23 +151,49 @@ class Executor:
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` behind the other jobs of its container."""
-        assert self._nursery is not None, "Executor.run is not running"
         key = job.binding.key if isinstance(job, ApplyJob) else job.key
-        container = (key.runtime, key.container)
-        worker = self._workers.get(container)
-        if worker is None:
-            send, receive = trio.open_memory_channel[Job](float("inf"))
-            worker = self._workers[container] = _Worker(send)
-            self._nursery.start_soon(self._work, container, receive)
+        worker = self._worker((key.runtime, key.container))
         worker.pending += 1
         worker.send.send_nowait(job)
 
+    def submit_task(self, container: tuple[Runtime, str], task: Task) -> bool:
+        """Queue ``task`` behind the container's jobs, unless one is queued already
+        (a slow container then gets one at a time, however often they are offered)."""
+        worker = self._worker(container)
+        if worker.tasks:
+            return False
+        worker.pending += 1
+        worker.tasks += 1
+        worker.send.send_nowait(task)
+        return True
+
+    def _worker(self, container: tuple[Runtime, str]) -> _Worker:
+        assert self._nursery is not None, "Executor.run is not running"
+        worker = self._workers.get(container)
+        if worker is None:
+            send, receive = trio.open_memory_channel[Job | Task](float("inf"))
+            worker = self._workers[container] = _Worker(send)
+            self._nursery.start_soon(self._work, container, receive)
+        return worker
+
     async def _work(
-        self, container: tuple[Runtime, str], receive: trio.MemoryReceiveChannel[Job]
+        self, container: tuple[Runtime, str], receive: trio.MemoryReceiveChannel[Job | Task]
     ) -> None:
         worker = self._workers[container]
         while True:
             job = await receive.receive()
+            if not isinstance(job, ApplyJob | UndoJob | NotifyJob):
+                try:
+                    await job()
+                except trio.Cancelled:
+                    raise
+                except Exception:  # the daemon must outlive a failing task
+                    log.exception("%s %s: background task failed", container[0].value, container[1])
+                worker.pending -= 1
+                worker.tasks -= 1
+                if self._idle(container, worker, receive):
+                    return
+                continue
             started = time.perf_counter()
             result = await self._run(job)
             result = JobResult(job, result.error, result.leftover, time.perf_counter() - started)
@@ -169,11 +201,21 @@ class Executor:
             self.stats.failed += result.error is not None
             worker.pending -= 1
             await self._report(result)
-            if worker.pending == 0 and receive.statistics().current_buffer_used == 0:
-                # Idle: let the task go; a later job for this container starts a new one.
-                del self._workers[container]
-                worker.send.close()
+            if self._idle(container, worker, receive):
                 return
+
+    def _idle(
+        self,
+        container: tuple[Runtime, str],
+        worker: _Worker,
+        receive: trio.MemoryReceiveChannel[Job | Task],
+    ) -> bool:
+        if worker.pending or receive.statistics().current_buffer_used:
+            return False
+        # Idle: let the task go; a later job for this container starts a new one.
+        del self._workers[container]
+        worker.send.close()
+        return True
 
     async def _run(self, job: Job) -> JobResult:
         try:

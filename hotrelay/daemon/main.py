@@ -30,7 +30,7 @@ from hotrelay.daemon.effectors import (
     NodeEffector,
     SymlinkEffector,
 )
-from hotrelay.daemon.executor import Effector, key_from_record
+from hotrelay.daemon.executor import Effector, Executor, key_from_record
 from hotrelay.daemon.ledger import Ledger, LedgerEntry
 from hotrelay.daemon.logging_setup import setup_logging
 from hotrelay.daemon.metrics import DaemonMetrics, serve_metrics
@@ -157,9 +157,14 @@ async def _heal(
     nodes: NodeEffector,
     ledger: Ledger,
     healable: Callable[[BindingKey], bool],
+    executor: Executor,
+    count: Callable[[int], None],
 ) -> int:
-    """The self-healing pass: device-cgroup grants a runtime took away (``runc update``,
-    ``systemctl daemon-reload``) and nodes a container deleted, for settled bindings."""
+    """The self-healing pass, for settled bindings: device-cgroup grants a runtime took
+    away (``runc update``, ``systemctl daemon-reload``), here and now; nodes a container
+    deleted, by a task in each container's queue (one helper round trip per node: the
+    pump, which runs this pass, must not wait for thousands of them)."""
+    await trio.lowlevel.checkpoint()
     entries = []
     # A v2 heal makes each program hold exactly the grants it is given: a container
     # with any binding being applied or undone (its grant may be in the program, or on
@@ -177,7 +182,6 @@ async def _heal(
             entries.append((key, entry))
         else:
             busy.add((key.runtime.value, key.container))
-    changed: dict[str, LedgerEntry] = {}
     grants = [
         (entry, step)
         for key, entry in entries
@@ -187,30 +191,56 @@ async def _heal(
     ]
     heals = 0
     if grants:
+        # No await from the ledger read to the write below: no job's write comes between.
         records, healed, errors = cgroups.reconcile([step["record"] for _, step in grants])
         for error in errors:
             log.error("heal: %s", error)
         heals += healed
         if healed:
+            changed: dict[str, LedgerEntry] = {}
             for (entry, step), record in zip(grants, records, strict=True):
                 step["record"] = record
                 changed[entry.key] = entry
-    for _, entry in entries:
-        for step in entry.record.get("steps", []):
+            for entry in changed.values():
+                ledger.put(entry)
+    with_nodes: dict[tuple[Runtime, str], list[str]] = {}
+    for key, entry in entries:
+        if any(step.get("kind") == "MakeNode" for step in entry.record.get("steps", [])):
+            with_nodes.setdefault((key.runtime, key.container), []).append(entry.key)
+    for container, keys in with_nodes.items():
+        executor.submit_task(container, partial(_heal_nodes, nodes, ledger, keys, count))
+    return heals
+
+
+async def _heal_nodes(
+    nodes: NodeEffector, ledger: Ledger, keys: list[str], count: Callable[[int], None]
+) -> None:
+    """Make again the nodes of one container's bindings that it deleted. Runs in the
+    container's queue, so no job of that container runs meanwhile; each entry is read
+    when its turn comes (a job queued before this task may have changed or removed it)."""
+    for key in keys:
+        entry = ledger.get(key)
+        if entry is None or not entry.record.get("complete"):
+            continue
+        for index, step in enumerate(entry.record.get("steps", [])):
             if step.get("kind") != "MakeNode":
                 continue
             try:
                 remade = await nodes.heal(step.get("record", {}))
             except (HotrelayError, OSError) as exc:
-                log.error("heal: %s: %s", entry.key, exc)
+                log.error("heal: %s: %s", key, exc)
                 continue
-            if remade is not None:
-                step["record"] = remade
-                changed[entry.key] = entry
-                heals += 1
-    for entry in changed.values():
-        ledger.put(entry)
-    return heals
+            if remade is None:
+                continue
+            # Read again and write at once: the pass in the pump may have updated the
+            # grant's record of this entry while we waited for the helper.
+            current = ledger.get(key)
+            if current is not None:
+                steps = current.record.get("steps", [])
+                if index < len(steps) and steps[index].get("kind") == "MakeNode":
+                    steps[index]["record"] = remade
+                    ledger.put(current)
+            count(1)
 
 
 async def run_daemon(options: RunOptions) -> int:

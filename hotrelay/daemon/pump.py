@@ -55,6 +55,13 @@ INPUT_BUFFER = 4
 # high-water mark for good.
 TRIM_AFTER_EVENTS = 100_000
 
+# The self-healing pass (daemon/main.py): given the ledger, which bindings are settled,
+# the executor (to queue work behind a container's jobs) and a counter for heals those
+# tasks do later; returns the heals it did itself.
+HealPass = Callable[
+    [Ledger, Callable[[BindingKey], bool], Executor, Callable[[int], None]], Awaitable[int]
+]
+
 SYSFS = Path("/sys")
 UEVENT_SEQNUM = SYSFS / "kernel" / "uevent_seqnum"
 
@@ -112,7 +119,7 @@ class Daemon:
         runtimes: Sequence[Adapter],
         load_rules: Callable[[], RuleSet],
         reload_rules: Callable[[], RuleSet] | None = None,
-        heal: Callable[[Ledger, Callable[[BindingKey], bool]], Awaitable[int]] | None = None,
+        heal: HealPass | None = None,
         metrics: DaemonMetrics | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -272,7 +279,10 @@ class Daemon:
             relay.tick(item.now)
             try:
                 if self._heal_pass is not None and self.ledger is not None:
-                    self.stats.heals += await self._heal_pass(self.ledger, self._settled_binding)
+                    assert self.executor is not None
+                    self.stats.heals += await self._heal_pass(
+                        self.ledger, self._settled_binding, self.executor, self._count_heals
+                    )
             finally:
                 if item.done is not None:
                     item.done.set()
@@ -327,6 +337,10 @@ class Daemon:
             self._notifier.ready(f"relaying with {len(self.relay.rules)} rules")
         if request.done is not None:
             request.done.set()
+
+    def _count_heals(self, heals: int) -> None:
+        """Heals done later by the tasks a heal pass queued."""
+        self.stats.heals += heals
 
     def _settled_binding(self, key: BindingKey) -> bool:
         """Applied as desired and nothing in flight: safe for the heal pass to touch."""

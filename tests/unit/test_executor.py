@@ -170,3 +170,43 @@ async def test_jobs_of_one_container_keep_their_order(tmp_path: Path, containers
         mine = [r.job for r in h.results if (r.job.key.container == f"c{c}")]
         assert [type(j).__name__ for j in mine] == ["ApplyJob", "UndoJob"]
     assert list(h.ledger.entries()) == []
+
+
+async def test_tasks_run_in_the_container_queue_one_queued_at_a_time(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    executor = Executor(h.ledger, h.effectors, h.report)
+    container = (Runtime.LXC, "ha")
+    ran = trio.Event()
+
+    async def task() -> None:
+        # Behind the apply queued first: its steps are all done, in the ledger too.
+        (entry,) = h.ledger.entries()
+        assert entry.record["complete"]
+        h.log.append("task")
+        ran.set()
+
+    async def failing() -> None:
+        raise OSError("a helper went away")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        executor.submit(ApplyJob(binding()))
+        assert executor.submit_task(container, task)
+        assert not executor.submit_task(container, task)  # one is queued already
+        with trio.fail_after(5):
+            await ran.wait()
+        # A failing task is logged; the queue goes on with the next job.
+        assert executor.submit_task(container, failing)
+        executor.submit(UndoJob(binding().key))
+        with trio.fail_after(5):
+            while len(h.results) < 2:
+                h.done = trio.Event()
+                await h.done.wait()
+        nursery.cancel_scope.cancel()
+    assert h.log[-4:] == [
+        "task",
+        "undo InjectUevent done=True",
+        "undo MakeNode done=True",
+        "undo GrantDevice done=True",
+    ]
+    assert [r.error for r in h.results] == [None, None]
