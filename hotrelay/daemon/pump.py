@@ -49,7 +49,7 @@ log = logging.getLogger("hotrelay")
 # not in Python objects; a deep queue here once held two million parsed uevents and
 # left the daemon's RSS three times its idle size after a soak.
 INPUT_BUFFER = 4
-# After this many events (or an overflow's resync), once the queue is empty, the C heap's
+# After this many events (or a resync: overflow, reload), once the queue is empty, the C heap's
 # free pages go back to the kernel: uevents and their dicts are mostly too big for
 # CPython's small-object allocator, and a storm otherwise leaves glibc's heap at its
 # high-water mark for good.
@@ -301,7 +301,6 @@ class Daemon:
                 self.stats.overflows += 1
                 log.warning("uevent overflow: the kernel dropped events; resynchronising")
                 await self._resync_devices("overflow")
-                self._untrimmed = TRIM_AFTER_EVENTS
                 floor = self._seqnum_floor
                 continue
             if item.seqnum is not None and item.seqnum <= floor:
@@ -410,6 +409,7 @@ class Daemon:
         self._seqnum_floor = max(self._seqnum_floor, floor)
         self.relay.resync_devices(devices)
         log.info("resync (%s): %d devices present", reason, len(devices))
+        self._untrimmed = TRIM_AFTER_EVENTS  # a whole enumeration's garbage: trim once idle
 
     # -- results -----------------------------------------------------------------------
 
