@@ -267,7 +267,13 @@ def test_soak_random_hotplug_in_a_uevent_storm(stack: ExitStack) -> None:
             for box in fleet.boxes:
                 if box.name in fleet.with_program:
                     assert len(v2_programs(box)) == 1, "a stale device program"
-            assert no_zombies(pid), children(pid)
+            # A helper whose container just stopped (a restart in this very iteration)
+            # is a zombie until the daemon's reaper pass, once a second: what must not
+            # happen is one that stays.
+            try:
+                eventually(lambda: no_zombies(pid), timeout=3)
+            except TimeoutError:
+                pytest.fail(f"a zombie child for 3 s: {children(pid)}")
             next_sample = now + 10
         time.sleep(rng.uniform(0.05, 0.4))
     storm.kill()
