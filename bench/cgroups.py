@@ -27,29 +27,12 @@ from hotrelay.effectors import cgroup_v1
 from hotrelay.effectors.cgroup_v2 import find_unified_root
 from hotrelay.effectors.cgroups import DeviceGrants
 from hotrelay.kernel import bpf
+from hotrelay.testing.sandbox import OCI_DEFAULT_RULES
 
 EXISTING = (1, 10, 100)
 TARGET_MS = 2.0
 # A major no real device uses here, so the grants never matter to anything running.
 BENCH_MAJOR = 240
-RUNTIME_RULES = (
-    DeviceRule.parse("a", allow=False),
-    *(
-        DeviceRule.parse(line)
-        for line in (
-            "c *:* m",
-            "b *:* m",
-            "c 1:3 rwm",
-            "c 1:5 rwm",
-            "c 1:7 rwm",
-            "c 1:8 rwm",
-            "c 1:9 rwm",
-            "c 5:0 rwm",
-            "c 5:2 rwm",
-            "c 136:* rwm",
-        )
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -80,9 +63,9 @@ def bench_cgroups() -> Iterator[ContainerRef]:
     prog_fd = -1
     try:
         (devices / "devices.deny").write_text("a")
-        for rule in RUNTIME_RULES[1:]:
+        for rule in OCI_DEFAULT_RULES[1:]:
             (devices / "devices.allow").write_text(rule.render())
-        prog_fd = bpf.prog_load(bp.encode(bp.assemble(RUNTIME_RULES)), name="runtime_like")
+        prog_fd = bpf.prog_load(bp.encode(bp.assemble(OCI_DEFAULT_RULES)), name="runtime_like")
         cg = bpf.open_cgroup(unified)
         try:
             bpf.prog_attach(cg, prog_fd, flags=bpf.BPF_F_ALLOW_MULTI)
@@ -94,7 +77,7 @@ def bench_cgroups() -> Iterator[ContainerRef]:
             pid=os.getpid(),
             devices_cgroup=f"/{name}",
             unified_cgroup=f"/{name}",
-            base_device_rules=RUNTIME_RULES,
+            base_device_rules=OCI_DEFAULT_RULES,
         )
     finally:
         if prog_fd >= 0:

@@ -71,6 +71,13 @@ OCI_DEFAULT_ALLOW = (
     "c 136:* rwm",
 )
 
+# The same as a runtime's rule list, default-deny first: what runc turns into its v2
+# device program, for tests and benchmarks that attach one of their own.
+OCI_DEFAULT_RULES = (
+    DeviceRule.parse("a", allow=False),
+    *(DeviceRule.parse(line) for line in OCI_DEFAULT_ALLOW),
+)
+
 # (name, major, minor): all inside OCI_DEFAULT_ALLOW, so default-deny leaves them usable.
 DEV_NODES = (
     ("null", 1, 3),
@@ -220,13 +227,7 @@ class Sandbox:
         }
         # Field 22 (starttime) follows the parenthesised comm, which may hold spaces.
         start_time = int((proc / "stat").read_text().rpartition(")")[2].split()[19])
-        base = (
-            tuple(DeviceRule.parse(line) for line in ("a", *OCI_DEFAULT_ALLOW))
-            if self.devices == "default-deny"
-            else ()
-        )
-        if base:
-            base = (dataclasses.replace(base[0], allow=False), *base[1:])
+        base = OCI_DEFAULT_RULES if self.devices == "default-deny" else ()
         return ContainerRef(
             runtime=Runtime.PID,
             name=str(self.pid),

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from hotrelay.core import bpf_program as bp
-from hotrelay.core.device_access import DeviceRule
 from hotrelay.kernel import bpf
 from hotrelay.testing.daemon import RunningDaemon
 from hotrelay.testing.hotplug import ZramDevice
-from hotrelay.testing.sandbox import Sandbox
+from hotrelay.testing.sandbox import OCI_DEFAULT_RULES, Sandbox
 
 __all__ = [
     "RUNTIME_PROGRAM",
@@ -126,27 +125,7 @@ def grant_listed(sandbox: Sandbox, zram: ZramDevice) -> bool:
 # -- cgroup v2 device programs -------------------------------------------------------------
 
 # What runc attaches for the OCI defaults (as tests/privileged/test_cgroups_v2.py).
-RUNTIME_PROGRAM = bp.assemble(
-    (
-        DeviceRule.parse("a", allow=False),
-        *(
-            DeviceRule.parse(line)
-            for line in (
-                "c *:* m",
-                "b *:* m",
-                "c 1:3 rwm",
-                "c 1:5 rwm",
-                "c 1:7 rwm",
-                "c 1:8 rwm",
-                "c 1:9 rwm",
-                "c 5:0 rwm",
-                "c 5:1 rwm",
-                "c 5:2 rwm",
-                "c 136:* rwm",
-            )
-        ),
-    )
-)
+RUNTIME_PROGRAM = bp.assemble(OCI_DEFAULT_RULES)
 
 
 def v2_attach(sandbox: Sandbox) -> int:

@@ -32,31 +32,13 @@ from hotrelay.kernel import bpf
 from hotrelay.testing.fixtures import SandboxFactory
 from hotrelay.testing.hotplug import ZramDevice
 from hotrelay.testing.inside import open_inside
-from hotrelay.testing.sandbox import Sandbox
+from hotrelay.testing.sandbox import OCI_DEFAULT_RULES, Sandbox
 
 pytestmark = pytest.mark.privileged
 
 # What runc attaches for the OCI defaults: mknod anything; use null, zero, full,
-# random, urandom, tty, ptmx and the ptys.
-RUNTIME_RULES = (
-    DeviceRule.parse("a", allow=False),
-    *(
-        DeviceRule.parse(line)
-        for line in (
-            "c *:* m",
-            "b *:* m",
-            "c 1:3 rwm",
-            "c 1:5 rwm",
-            "c 1:7 rwm",
-            "c 1:8 rwm",
-            "c 1:9 rwm",
-            "c 5:0 rwm",
-            "c 5:2 rwm",
-            "c 136:* rwm",
-        )
-    ),
-)
-RUNTIME_PROGRAM = bp.assemble(RUNTIME_RULES)
+# random, urandom, tty, console, ptmx and the ptys.
+RUNTIME_PROGRAM = bp.assemble(OCI_DEFAULT_RULES)
 KMSG = (1, 11)
 R, W, M = bp.DEVCG_ACC_READ, bp.DEVCG_ACC_WRITE, bp.DEVCG_ACC_MKNOD
 
@@ -193,7 +175,7 @@ def test_grant_and_revoke_replace_the_runtime_program(
         expected = (
             rule.matches(request.kind, request.major, request.minor)
             and request.access & (R | W) == request.access
-        ) or bp.rules_allow(RUNTIME_RULES, request)
+        ) or bp.rules_allow(OCI_DEFAULT_RULES, request)
         assert bp.verdict(granted, request) == expected, request
 
     grants.revoke(record)
@@ -201,7 +183,7 @@ def test_grant_and_revoke_replace_the_runtime_program(
     restored = read_back(original_id)
     assert restored == RUNTIME_PROGRAM
     for request in requests:
-        assert bp.verdict(restored, request) == bp.rules_allow(RUNTIME_RULES, request)
+        assert bp.verdict(restored, request) == bp.rules_allow(OCI_DEFAULT_RULES, request)
     assert open_inside(sandbox, node, read=4096) == errno.EPERM
     assert open_inside(sandbox, "/dev/null", os.O_RDWR) == 0
     assert open_inside(sandbox, kmsg) == errno.EPERM

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hotrelay.core import bpf_program as bp
 from hotrelay.core.bpf_program import DeviceRequest, Insn
 from hotrelay.core.device_access import Access, DeviceRule, DeviceType
+from hotrelay.testing.sandbox import OCI_DEFAULT_RULES
 
 # Small number ranges so rules and requests collide often; plus u32 edge values, where
 # a 64-bit compare against a sign-extended immediate would go wrong.
@@ -41,25 +42,6 @@ requests = st.builds(
     st.integers(1, 7),
 )
 
-OCI_DEFAULT = (
-    DeviceRule.parse("a", allow=False),
-    *(
-        DeviceRule.parse(line)
-        for line in (
-            "c *:* m",
-            "b *:* m",
-            "c 1:3 rwm",
-            "c 1:5 rwm",
-            "c 1:7 rwm",
-            "c 1:8 rwm",
-            "c 1:9 rwm",
-            "c 5:0 rwm",
-            "c 5:1 rwm",
-            "c 5:2 rwm",
-            "c 136:* rwm",
-        )
-    ),
-)
 
 R, W, M = bp.DEVCG_ACC_READ, bp.DEVCG_ACC_WRITE, bp.DEVCG_ACC_MKNOD
 
@@ -147,7 +129,7 @@ def test_encoding_is_the_kernel_struct() -> None:
 
 
 def test_runc_like_default_program() -> None:
-    program = bp.assemble(OCI_DEFAULT)
+    program = bp.assemble(OCI_DEFAULT_RULES)
     assert bp.check_replayable(program) is None
     assert bp.verdict(program, req("c 1:3", R | W))  # /dev/null
     assert bp.verdict(program, req("c 136:7", R | W))  # a pts
@@ -275,7 +257,7 @@ def test_prefix_keeps_r1_and_the_original_intact(
 
 
 def test_split_ignores_foreign_programs() -> None:
-    assert bp.split_prepended(bp.assemble(OCI_DEFAULT)) is None
+    assert bp.split_prepended(bp.assemble(OCI_DEFAULT_RULES)) is None
     assert bp.split_prepended(HAND_MADE["deny-all"]) is None
     assert bp.prepend_grants(HAND_MADE["deny-all"], []) == HAND_MADE["deny-all"]
     with pytest.raises(bp.ProgramError, match="deny"):
@@ -283,7 +265,7 @@ def test_split_ignores_foreign_programs() -> None:
 
 
 def test_grant_on_top_of_runc_program() -> None:
-    original = bp.assemble(OCI_DEFAULT)
+    original = bp.assemble(OCI_DEFAULT_RULES)
     zram = DeviceRule.parse("b 253:0 rw")
     program = bp.prepend_grants(original, [zram])
     assert bp.verdict(program, req("b 253:0", R | W))
