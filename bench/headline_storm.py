@@ -42,7 +42,7 @@ from typing import Any
 from bench.headline_latency import Zram, log
 from hotrelay.kernel import netlink
 from hotrelay.testing.daemon import RunningDaemon
-from hotrelay.testing.sandbox import OCI_DEFAULT_ALLOW
+from hotrelay.testing.sandbox import OCI_DEFAULT_ALLOW, remove_cgroup_tree
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 BUFFER = 64 * 1024 * 1024
@@ -190,19 +190,7 @@ class Fleet:
                 member.outer.wait()
         self.members.clear()
         for parent in self.parents:
-            for _ in range(200):
-                with contextlib.suppress(FileNotFoundError):
-                    for child in parent.iterdir():
-                        if child.is_dir():
-                            with contextlib.suppress(OSError):
-                                child.rmdir()
-                try:
-                    parent.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            remove_cgroup_tree(parent, timeout=10.0)
 
 
 # -- the rules ----------------------------------------------------------------------------

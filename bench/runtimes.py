@@ -34,6 +34,7 @@ from hotrelay.core.containers import ContainerEvent, ContainerStarted, Container
 from hotrelay.runtimes.base import Adapter
 from hotrelay.runtimes.nspawn import NspawnAdapter
 from hotrelay.runtimes.raw import CgroupAdapter, PidAdapter
+from hotrelay.testing.sandbox import remove_cgroup_tree
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 HIERARCHIES = ("unified", "devices")
@@ -106,19 +107,7 @@ class Fleet:
             container.outer.wait()
         self.containers.clear()
         for parent in self.cgroup_dirs:
-            for _ in range(100):
-                with contextlib.suppress(FileNotFoundError):
-                    for child in parent.iterdir():
-                        if child.is_dir():
-                            with contextlib.suppress(OSError):
-                                child.rmdir()
-                try:
-                    parent.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+            remove_cgroup_tree(parent, timeout=2.0)
         shutil.rmtree(self.machines, ignore_errors=True)
 
 

@@ -219,10 +219,9 @@ def resolve_owner(
     :func:`resolve_owner_async`). Raises UnknownAccountError for a name the container
     does not have, UnmappedIdError for an id its user namespace does not map.
     """
-    needs_names = any(isinstance(v, str) and not v.isdigit() for v in (user, group))
     accounts = (
         read_accounts(container.pid, expected_start_time=container.start_time, walk=walk)
-        if needs_names
+        if _names_in(user, group)
         else Accounts()
     )
     uid = accounts.uid(user)
@@ -235,10 +234,15 @@ def resolve_owner(
     )
 
 
+def _names_in(user: str | int, group: str | int) -> bool:
+    """Whether resolving needs the container's account files (a name, not a number)."""
+    return any(isinstance(v, str) and not v.isdigit() for v in (user, group))
+
+
 async def resolve_owner_async(
     container: ContainerRef, *, user: str | int = 0, group: str | int = 0
 ) -> Owner:
-    if not any(isinstance(v, str) and not v.isdigit() for v in (user, group)):
+    if not _names_in(user, group):
         # Numbers only (the default): no file to read, so no thread hop, which would
         # cost a good part of a millisecond on the hotplug path.
         await trio.lowlevel.checkpoint()
