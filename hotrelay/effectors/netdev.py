@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,10 @@ class MovedNetdev:
             inside_name=str(data["inside_name"]),
             inside_index=int(data["inside_index"]),
         )
+
+
+# How long a moved interface may take to show under its new name in the container.
+CONFIRM_WITHIN = 0.5
 
 
 def _lookup(ipr: Any, ifname: str) -> int | None:
@@ -117,6 +122,13 @@ def _move_in(ifname: str, new_name: str, netns_fd: int, inside: socket.socket) -
                     os.close(host_ns)
             raise
         inside_index = _lookup(ipr, new_name)
+        # The move is acked, yet a lookup in the container's netns right after it can
+        # miss the new name (about one demo run in ten): look again, briefly, before
+        # calling the move failed.
+        deadline = time.monotonic() + CONFIRM_WITHIN
+        while inside_index is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            inside_index = _lookup(ipr, new_name)
     if inside_index is None:
         raise LookupError(f"{new_name!r} did not appear in the container after the move")
     return inside_index
