@@ -161,6 +161,10 @@ def run_demo(out: TextIO) -> int:
                 f"{counters.get('applied', '?')} bindings applied, "
                 f"{counters.get('undone', '?')} undone, {counters.get('failures', '?')} failures\n"
             )
+            if counters.get("failures"):
+                # Say why, from the daemon's own log: a demo that only counts is no help.
+                failed = [line for line in daemon.log().splitlines() if " failed" in line]
+                out.write("".join(f"  {line}\n" for line in failed[-5:]))
     finally:
         container.close()
     out.write("cleaned up: container, daemon, zram device and veth pair are gone.\n")
