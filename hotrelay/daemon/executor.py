@@ -8,9 +8,10 @@ ledger entry that says exactly what may have been done, and every ``undo`` is wr
 to be safe on a step that was only pending (undoing a grant that never happened denies
 what was denied anyway; removing a node that was never made finds nothing).
 
-An UndoJob undoes the recorded steps newest first, rewriting the ledger after each, and
-deletes the entry at the end. A failed apply rolls back what it did; whatever cannot
-be rolled back stays in the ledger and is reported as leftover, for the relay to undo.
+An UndoJob undoes the recorded steps, the device-cgroup grant first and then the rest
+newest first, rewriting the ledger after each, and deletes the entry at the end. A
+failed apply rolls back what it did; whatever cannot be rolled back stays in the
+ledger and is reported as leftover, for the relay to undo.
 
 Jobs for one container run one at a time, in order (so a device's add and remove, and
 the steps within each, keep their order); different containers proceed in parallel,
@@ -287,14 +288,15 @@ class Executor:
     async def _undo_steps(self, key: BindingKey, entry: Record) -> None:
         steps: list[Record] = entry["steps"]
         while steps:
-            step = steps[-1]
+            index = _next_undo(steps)
+            step = steps[index]
             try:
                 await self._effector(step["kind"]).undo(step.get("record", {}))
             except _FAILURES as exc:
                 log.warning("%s: undo of %s failed: %s", key, step["describe"], exc)
                 self._write(key, entry)
                 raise
-            steps.pop()
+            del steps[index]
             log.info("%s: undid %s", key, step["describe"])
         self._ledger.delete(str(key))
 
@@ -319,6 +321,20 @@ class Executor:
             except _FAILURES as exc:
                 errors.append(f"{action.describe()}: {exc}")
         return JobResult(job, error="; ".join(errors) or None)
+
+
+def _next_undo(steps: list[Record]) -> int:
+    """Which recorded step to undo next: the newest grant, else the newest step.
+
+    Grants go first. The kernel checks device access at open(), so taking a grant
+    back needs nothing from the container, while removing a node or a link does: a
+    container that keeps us from removing them (or a helper that cannot reach it)
+    must never keep the device usable.
+    """
+    for index in range(len(steps) - 1, -1, -1):
+        if steps[index].get("kind") == "GrantDevice":
+            return index
+    return len(steps) - 1
 
 
 def restore_applied(ledger: Ledger) -> dict[BindingKey, str]:

@@ -407,4 +407,7 @@ class DeviceNodes:
 
 
 def _removal(container: ContainerRef, removed: Removed) -> Removal:
-    return Removal(container.target, removed.removed, removed.left)
+    left = removed.left
+    if removed.more_left:
+        left = (*left, ("...", f"{removed.more_left} more paths left alone"))
+    return Removal(container.target, removed.removed, left)

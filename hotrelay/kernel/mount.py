@@ -33,6 +33,7 @@ __all__ = [
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_NO_XDEV",
     "UMOUNT_NOFOLLOW",
+    "empty_detached_tmpfs",
     "fchownat_empty",
     "fs_ids",
     "get_fsgid",
@@ -49,6 +50,9 @@ SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -167,6 +171,44 @@ def mount_setattr(
     )
     if result < 0:
         oserror("mount_setattr", path)
+
+
+_FSOPEN_CLOEXEC = 0x1
+_FSMOUNT_CLOEXEC = 0x1
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+
+
+def empty_detached_tmpfs() -> int:
+    """An fd of the root of a new, empty, read-only tmpfs that is attached nowhere.
+
+    No path leads into it and nothing can be written to it: a process that makes it
+    its root finds nothing by any absolute path.
+    """
+    fs = libc.syscall(SYS_FSOPEN, _C_PATH(b"tmpfs"), _C_UINT(_FSOPEN_CLOEXEC))
+    if fs < 0:
+        oserror("fsopen")
+    try:
+        for key, value in ((b"mode", b"0555"), (b"size", b"4k")):
+            result = libc.syscall(
+                SYS_FSCONFIG,
+                _C_INT(fs),
+                _C_UINT(_FSCONFIG_SET_STRING),
+                _C_PATH(key),
+                _C_PATH(value),
+                _C_INT(0),
+            )
+            if result < 0:
+                oserror("fsconfig")
+        if libc.syscall(SYS_FSCONFIG, _C_INT(fs), _C_UINT(_FSCONFIG_CMD_CREATE), None, None, 0) < 0:
+            oserror("fsconfig")
+        attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+        fd = libc.syscall(SYS_FSMOUNT, _C_INT(fs), _C_UINT(_FSMOUNT_CLOEXEC), _C_UINT(attrs))
+        if fd < 0:
+            oserror("fsmount")
+        return int(fd)
+    finally:
+        os.close(fs)
 
 
 def openat2(

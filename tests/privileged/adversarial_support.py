@@ -308,14 +308,11 @@ class Monitor:
 
 
 def unexpected_tracebacks(log: str) -> list[str]:
-    """Tracebacks in a daemon log, except a namespace helper's own when the daemon was
-    SIGKILLed under it (its first reply then finds the socket closed; it only exits)."""
+    """Tracebacks in a daemon log. There are none to expect: the namespace helpers
+    print none (not even when the daemon is SIGKILLed under them), and the daemon
+    logs failures as one line each."""
     blocks = log.split("Traceback (most recent call last):")[1:]
-    return [
-        block[:2000]
-        for block in blocks
-        if not ("nshelper.py" in block and "_helper_main" in block and "Error" in block)
-    ]
+    return [block[:2000] for block in blocks]
 
 
 # -- the rules' intent, checked from inside and from the kernel ------------------------------

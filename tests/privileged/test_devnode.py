@@ -368,7 +368,7 @@ async def test_helper_exits_when_the_container_dies(make_sandbox: SandboxFactory
         await helper.ping()
         box.close()
         with trio.fail_after(5):
-            assert await helper.wait_exited() == 0
+            await helper.wait_exited()
         with pytest.raises(InjectionError, match="cannot open its namespaces"):
             await pool.get(helper.container)
     assert is_reaped(helper.helper_pid)

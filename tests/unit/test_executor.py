@@ -104,15 +104,15 @@ async def test_apply_runs_steps_in_order_and_records_them(tmp_path: Path) -> Non
     assert restore_applied(h.ledger) == {b.key: b.fingerprint}
 
 
-async def test_failed_step_rolls_back_newest_first(tmp_path: Path) -> None:
+async def test_failed_step_rolls_back_grant_first_then_newest_first(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     h.effectors["MakeNode"].fail_apply = True
     await run_jobs(h, ApplyJob(binding()))
     assert h.log == [
         "apply GrantDevice",
         "apply MakeNode",
-        "undo MakeNode done=False",  # the pending step is undone too: it may have half-run
         "undo GrantDevice done=True",
+        "undo MakeNode done=False",  # the pending step is undone too: it may have half-run
     ]
     (result,) = h.results
     assert result.error is not None
@@ -135,20 +135,37 @@ async def test_rollback_that_fails_leaves_a_leftover_in_the_ledger(tmp_path: Pat
     h.results.clear()
     h.log.clear()
     await run_jobs(h, UndoJob(b.key))
-    assert h.log == ["undo GrantDevice done=True"]
+    assert h.log == ["undo GrantDevice done=True", "undo MakeNode done=False"]
     assert list(h.ledger.entries()) == []
 
 
-async def test_undo_reverses_everything_and_forgets(tmp_path: Path) -> None:
+async def test_undo_revokes_first_then_reverses_the_rest_and_forgets(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     b = binding()
     await run_jobs(h, ApplyJob(b), UndoJob(b.key))
     assert h.log[3:] == [
+        "undo GrantDevice done=True",
         "undo InjectUevent done=True",
         "undo MakeNode done=True",
-        "undo GrantDevice done=True",
     ]
     assert list(h.ledger.entries()) == []
+
+
+async def test_a_node_the_container_keeps_us_from_removing_never_keeps_the_grant(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    h.effectors["MakeNode"].fail_undo = True
+    b = binding()
+    await run_jobs(h, ApplyJob(b), UndoJob(b.key))
+    assert h.log[3:] == [
+        "undo GrantDevice done=True",
+        "undo InjectUevent done=True",
+        "undo MakeNode done=True",
+    ]
+    assert h.results[-1].leftover
+    (entry,) = h.ledger.entries()
+    assert [step["kind"] for step in entry.record["steps"]] == ["MakeNode"]
 
 
 async def test_undo_of_unknown_binding_is_a_no_op(tmp_path: Path) -> None:
@@ -205,8 +222,8 @@ async def test_tasks_run_in_the_container_queue_one_queued_at_a_time(tmp_path: P
         nursery.cancel_scope.cancel()
     assert h.log[-4:] == [
         "task",
+        "undo GrantDevice done=True",
         "undo InjectUevent done=True",
         "undo MakeNode done=True",
-        "undo GrantDevice done=True",
     ]
     assert [r.error for r in h.results] == [None, None]
