@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import cgroups, devnode, rules, runtimes, source
+from bench import cgroups, devnode, helpers, rules, runtimes, source
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], str]] = {
     "source": source.main,
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], str]] = {
     "cgroups": cgroups.main,
     "runtimes": runtimes.main,
     "devnode": devnode.main,
+    "helpers": helpers.main,
     "headline": __import__("bench.headline", fromlist=["main"]).main,
 }
 RESULTS = Path(__file__).resolve().parent / "results"

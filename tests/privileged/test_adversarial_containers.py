@@ -127,8 +127,11 @@ def no_zombies(daemon: RunningDaemon) -> bool:
 
 
 def helper_children(daemon: RunningDaemon) -> list[Any]:
+    """The namespace helpers: children of the daemon's fork server (its one child
+    running hotrelay.effectors.nshelper)."""
     assert daemon.process is not None
-    return [c for c in children(daemon.process.pid) if "nshelper" in c.cmdline]
+    servers = [c for c in children(daemon.process.pid) if "nshelper" in c.cmdline]
+    return [helper for server in servers for helper in children(server.pid)]
 
 
 # -- symlinks planted in /dev -----------------------------------------------------------------

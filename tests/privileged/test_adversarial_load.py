@@ -175,7 +175,8 @@ def test_many_containers_times_many_devices(stack: ExitStack) -> None:
     in_ledger = time.monotonic() - start
     relayed = time.monotonic() - start + fleet.settle(daemon, timeout=120)
     peak_fds, peak_rss = fd_count(pid), rss_kib(pid)
-    helpers = [c for c in children(pid) if "nshelper" in c.cmdline]
+    servers = [c for c in children(pid) if "nshelper" in c.cmdline]
+    helpers = [helper for server in servers for helper in children(server.pid)]
     assert len(helpers) <= containers
     # A container that starts now gets all of them (the coldplug into a new container).
     late = fleet.start(userns=False, program=True)

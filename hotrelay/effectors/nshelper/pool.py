@@ -179,6 +179,10 @@ class NamespaceHelpers:
                 self._server = await ForkServer.start()
             return self._server
 
+    async def start(self) -> None:
+        """Start the fork server now (else the first request starts it)."""
+        await self._fork_server()
+
     async def get(self, container: ContainerRef) -> NamespaceHelper:
         if self._closed:
             raise HelperError(container.target, "the namespace helpers are shut down")
