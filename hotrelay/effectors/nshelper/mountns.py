@@ -91,7 +91,7 @@ def _seal_interpreter() -> None:
     linecache.checkcache = _do_nothing
 
 
-def _child(mnt_fd: int, root_fd: int, operation: Callable[[], None]) -> NoReturn:
+def _child(mnt_fd: int, root_fd: int, operation: Callable[[], object]) -> NoReturn:
     status = _STATUS_INTERNAL
     try:
         _seal_interpreter()
@@ -111,7 +111,7 @@ def _child(mnt_fd: int, root_fd: int, operation: Callable[[], None]) -> NoReturn
         os._exit(status)
 
 
-def _run(mnt_fd: int, root_fd: int, operation: Callable[[], None], timeout: float) -> None:
+def _run(mnt_fd: int, root_fd: int, operation: Callable[[], object], timeout: float) -> None:
     """Fork, run ``operation`` in the mount namespace, and raise its errno as OSError."""
     pid = os.fork()
     if pid == 0:
