@@ -27,8 +27,18 @@ from typing import Any
 
 from hotrelay.core.device_access import Access, DeviceRule, DeviceType, parse_devices_list
 from hotrelay.effectors import GrantError
+from hotrelay.effectors.cgroup_tree import walk_tree
 
-__all__ = ["DEVICES_ROOT", "V1Entry", "V1Grant", "grant", "heal", "missing", "revoke"]
+__all__ = [
+    "DEVICES_ROOT",
+    "V1Entry",
+    "V1Grant",
+    "cgroup_path",
+    "grant",
+    "heal",
+    "missing",
+    "revoke",
+]
 
 log = logging.getLogger("hotrelay.effectors.cgroup_v1")
 
@@ -163,12 +173,14 @@ def _write(path: Path, name: str, line: str) -> None:
         os.close(fd)
 
 
+def cgroup_path(cgroup: str, *, root: Path = DEVICES_ROOT) -> Path:
+    """The directory of a devices cgroup (refused if it would leave ``root``)."""
+    return _abs(root, cgroup)
+
+
 def _tree(top: Path) -> list[Path]:
     """The cgroup and all cgroups below it, parents before children."""
-    found: list[Path] = []
-    for dirpath, _, _ in os.walk(top, onerror=None):
-        found.append(Path(dirpath))
-    return found
+    return walk_tree(top)[0]
 
 
 def _eperm_hint(path: Path | None, line: str) -> str:
@@ -291,12 +303,17 @@ def revoke(record: V1Grant, *, root: Path = DEVICES_ROOT) -> None:
             raise _error("devices.allow", entry.cgroup, rule.render(), exc) from exc
 
 
-def missing(record: V1Grant, *, root: Path = DEVICES_ROOT) -> list[str]:
-    """Cgroups of the tree (recorded or new) that no longer allow the granted device."""
+def missing(
+    record: V1Grant, *, root: Path = DEVICES_ROOT, tree: list[Path] | None = None
+) -> list[str]:
+    """Cgroups of the tree (recorded or new) that no longer allow the granted device.
+
+    ``tree``: the cgroups to look at (default: the whole tree below the grant's).
+    """
     rule = record.device_rule
     top = _abs(root, record.cgroup)
     lost: list[str] = []
-    for path in _tree(top):
+    for path in tree if tree is not None else _tree(top):
         try:
             if not _allows(_read_list(path), rule):
                 lost.append(_rel(root, path))
@@ -305,14 +322,22 @@ def missing(record: V1Grant, *, root: Path = DEVICES_ROOT) -> list[str]:
     return lost
 
 
-def heal(record: V1Grant, *, root: Path = DEVICES_ROOT) -> tuple[V1Grant, int]:
+def heal(
+    record: V1Grant, *, root: Path = DEVICES_ROOT, tree: list[Path] | None = None
+) -> tuple[V1Grant, int]:
     """Re-allow the grant wherever it was lost (a runtime rewrote devices.list, a new
-    child cgroup); returns the updated record and how many cgroups were healed."""
+    child cgroup); returns the updated record and how many cgroups were healed.
+
+    ``tree``: the cgroups to check (the heal pass passes a bounded one, see
+    ``cgroup_tree``); default: the whole tree below the grant's cgroup.
+    """
+    if tree is None:
+        tree = _tree(_abs(root, record.cgroup))
     rule = record.device_rule
     line = rule.render()
     by_cgroup = {entry.cgroup: entry for entry in record.entries}
     healed = 0
-    for relative in missing(record, root=root):
+    for relative in missing(record, root=root, tree=tree):
         path = _abs(root, relative)
         try:
             listed = _read_list(path)
@@ -332,7 +357,7 @@ def heal(record: V1Grant, *, root: Path = DEVICES_ROOT) -> tuple[V1Grant, int]:
         log.warning("v1 %s: %s had been lost, allowed it again", relative, line)
     if not healed:
         return record, 0
-    order = [_rel(root, path) for path in _tree(_abs(root, record.cgroup))]
+    order = [_rel(root, path) for path in tree]
     ordered = [by_cgroup[c] for c in order if c in by_cgroup]
     ordered += [e for c, e in by_cgroup.items() if c not in order]
     return V1Grant(record.cgroup, record.rule, tuple(ordered)), healed

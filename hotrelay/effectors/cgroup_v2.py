@@ -38,6 +38,7 @@ from hotrelay.core import bpf_program as bp
 from hotrelay.core.containers import ContainerRef
 from hotrelay.core.device_access import DeviceRule
 from hotrelay.effectors import GrantError
+from hotrelay.effectors.cgroup_tree import heal_tree, walk_tree
 from hotrelay.kernel import bpf
 
 __all__ = [
@@ -150,6 +151,7 @@ class V2Reconciled:
     records: tuple[V2Grant, ...]
     heals: int
     errors: tuple[str, ...] = ()
+    checked: int = 0  # cgroups looked at
 
 
 class _Unreadable(Exception):
@@ -283,7 +285,7 @@ class CgroupV2Devices:
         by_top: dict[str, list[V2Grant]] = {}
         for record in records:
             by_top.setdefault(record.cgroup, []).append(record)
-        heals = 0
+        heals = checked = 0
         errors: list[str] = []
         updated: dict[int, V2Grant] = {}
         for top_rel, group in by_top.items():
@@ -294,7 +296,8 @@ class CgroupV2Devices:
             base = tuple(parse_rule(r) for r in group[0].base_rules)
             touched: list[str] = []
             try:
-                for path in self._tree(top):
+                for path in heal_tree(top):
+                    checked += 1
                     relative = self._rel(path)
                     try:
                         state = self._sync(path, base if path == top else None)
@@ -317,7 +320,9 @@ class CgroupV2Devices:
                 updated[id(record)] = V2Grant(
                     record.cgroup, record.rule, tuple(touched), record.base_rules
                 )
-        return V2Reconciled(tuple(updated.get(id(r), r) for r in records), heals, tuple(errors))
+        return V2Reconciled(
+            tuple(updated.get(id(r), r) for r in records), heals, tuple(errors), checked
+        )
 
     def tree(self, cgroup: str) -> tuple[str, ...]:
         """The cgroup and every cgroup below it, relative to the root, parents first
@@ -352,7 +357,7 @@ class CgroupV2Devices:
 
     @staticmethod
     def _tree(top: Path) -> list[Path]:
-        return [Path(dirpath) for dirpath, _, _ in os.walk(top)]
+        return walk_tree(top)[0]
 
     def _forget(self, relative: str) -> None:
         state = self._states.pop(relative, None)

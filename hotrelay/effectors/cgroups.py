@@ -23,6 +23,7 @@ from typing import Any, Literal
 from hotrelay.core.containers import ContainerRef
 from hotrelay.core.device_access import DeviceRule
 from hotrelay.effectors import GrantError, cgroup_v1
+from hotrelay.effectors.cgroup_tree import heal_tree
 from hotrelay.effectors.cgroup_v1 import V1Grant
 from hotrelay.effectors.cgroup_v2 import CgroupV2Devices, V2Grant, find_unified_root
 
@@ -84,6 +85,7 @@ class Reconciled:
     records: tuple[GrantRecord, ...]
     heals: int
     errors: tuple[str, ...] = ()
+    checked: int = 0  # cgroups looked at, v1 and v2
 
 
 class DeviceGrants:
@@ -161,18 +163,27 @@ class DeviceGrants:
         heals = 0
         errors: list[str] = []
         out: list[GrantRecord] = []
+        # One bounded walk per container tree, whatever the number of its grants: the
+        # container decides how many cgroups it has (see cgroup_tree).
+        trees: dict[str, list[Path]] = {}
         for record in records:
             v1 = record.v1
             if v1 is not None and self.devices_root is not None:
                 try:
-                    v1, healed = cgroup_v1.heal(v1, root=self.devices_root)
+                    tree = trees.get(v1.cgroup)
+                    if tree is None:
+                        top = cgroup_v1.cgroup_path(v1.cgroup, root=self.devices_root)
+                        tree = trees[v1.cgroup] = heal_tree(top)
+                    v1, healed = cgroup_v1.heal(v1, root=self.devices_root, tree=tree)
                     heals += healed
                 except GrantError as exc:
                     errors.append(str(exc))
             out.append(GrantRecord(record.container, record.rule, v1, record.v2))
+        checked = sum(len(tree) for tree in trees.values())
         if self.v2 is not None:
             v2_records = [r.v2 for r in out if r.v2 is not None]
             result = self.v2.reconcile(v2_records)
+            checked += result.checked
             heals += result.heals
             errors += result.errors
             by_identity = {
@@ -184,7 +195,8 @@ class DeviceGrants:
         self.heals += heals
         if heals:
             log.warning("reconcile healed %d grant(s)", heals)
-        return Reconciled(tuple(out), heals, tuple(errors))
+        log.debug("reconcile: %d grant(s), %d cgroup(s) checked", len(records), checked)
+        return Reconciled(tuple(out), heals, tuple(errors), checked)
 
     def close(self) -> None:
         if self.v2 is not None:
