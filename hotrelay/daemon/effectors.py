@@ -215,8 +215,7 @@ class NodeEffector(_InContainer):
         if container is None or "node" not in record:
             return None
         node = NodeRecord.from_json(record["node"])
-        helper = await self._helpers.get(container)
-        if await helper.exists(node.path):
+        if await self._helpers.node_exists(container, node.path):
             return None
         again = await self._nodes.make_node(
             container,

@@ -27,15 +27,18 @@ __all__ = [
     "MOVE_MOUNT_T_EMPTY_PATH",
     "OPEN_TREE_CLOEXEC",
     "OPEN_TREE_CLONE",
+    "RAMFS_MAGIC",
     "RESOLVE_BENEATH",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_NO_XDEV",
+    "TMPFS_MAGIC",
     "UMOUNT_NOFOLLOW",
     "empty_detached_tmpfs",
     "fchownat_empty",
     "fs_ids",
+    "fs_type",
     "get_fsgid",
     "get_fsuid",
     "mount_setattr",
@@ -171,6 +174,21 @@ def mount_setattr(
     )
     if result < 0:
         oserror("mount_setattr", path)
+
+
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fstatfs.restype = ctypes.c_int
+
+
+def fs_type(fd: int) -> int:
+    """The filesystem magic number (statfs f_type) of what fd refers to."""
+    # struct statfs is at most 120 bytes on 64-bit Linux; f_type (a long) comes first.
+    buffer = ctypes.create_string_buffer(256)
+    if libc.fstatfs(fd, buffer) < 0:
+        oserror("fstatfs")
+    return int(ctypes.c_long.from_buffer(buffer).value) & 0xFFFFFFFF
 
 
 _FSOPEN_CLOEXEC = 0x1

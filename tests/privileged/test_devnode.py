@@ -463,3 +463,34 @@ async def test_real_lxc_container(
         await helpers.close(ref)
     finally:
         await blocking(container.destroy)
+
+
+async def test_node_checks_need_no_helper_on_a_tmpfs_dev(
+    box: Sandbox, zram: ZramDevice, helpers: NamespaceHelpers, nodes_dir: Path
+) -> None:
+    """The heal pass asks whether each node is still there every few seconds: on a
+    tmpfs /dev the daemon looks itself (confined to that tmpfs), so idle helpers can
+    be closed; what lies on another mount goes to the helper."""
+    nodes = DeviceNodes(helpers, nodes_dir=nodes_dir)
+    ref = box.ref()
+    path = f"/dev/checked/{zram.name}"
+    record = await make(nodes, ref, path, zram)
+    assert await helpers.node_exists(ref, path)
+    assert await helpers.close_idle(now=float("inf")) == 1
+    assert helpers.running() == []
+    assert await helpers.node_exists(ref, path)
+    assert not await helpers.node_exists(ref, "/dev/checked/nothing-here")
+    assert helpers.running() == []  # answered without a helper
+    box.run(["sh", "-c", f"umount {path} 2>/dev/null; rm {path}"])  # the container's doing
+    assert not await helpers.node_exists(ref, path)
+    box.run(["ln", "-s", "/etc/passwd", path])  # something the container put there
+    assert await helpers.node_exists(ref, path)
+    box.run(["rm", path])
+    box.run(["mkdir", "/dev/other"])
+    box.run(["mount", "-t", "tmpfs", "other", "/dev/other"])
+    box.run(["touch", "/dev/other/file"])
+    assert await helpers.node_exists(ref, "/dev/other/file")  # another mount: the helper
+    assert len(helpers.running()) == 1
+    box.run(["umount", "/dev/other"])
+    box.run(["rmdir", "/dev/other"])
+    await nodes.remove_node(ref, record)

@@ -24,6 +24,8 @@ from hotrelay.effectors.nshelper.protocol import (
     RECEIVE_BUFFER,
     BindNode,
     Created,
+    DevDirectory,
+    Directory,
     Existence,
     Exists,
     Failure,
@@ -129,7 +131,7 @@ class NamespaceHelper:
                 self.container.target, "namespace helper exited (did the container stop?)"
             )
         reply, fds = received
-        if len(fds) != (1 if isinstance(reply, Socket) else 0):
+        if len(fds) != (1 if isinstance(reply, Socket | Directory) else 0):
             for fd in fds:
                 os.close(fd)
             raise ProtocolError(f"{reply.op} reply with {len(fds)} descriptors")
@@ -273,6 +275,11 @@ class NamespaceHelper:
         """Send a uevent in the container's netns: wire "kernel" (UEVENT_SEND, the kernel
         rebroadcasts it on group 1) or "udev" (group 2, credentials uid/gid)."""
         await self.call(SendUevent(wire, payload.hex(), uid, gid), Sent)
+
+    async def dev_directory(self) -> int:
+        """An O_PATH fd of the container's /dev (InjectionError if /dev is not tmpfs)."""
+        _, fds = await self.exchange(DevDirectory(), Directory)
+        return fds[0]
 
     async def route_socket(self) -> socket.socket:
         """A NETLINK_ROUTE socket created inside the container's network namespace."""

@@ -33,6 +33,8 @@ from hotrelay.effectors.nshelper.protocol import (
     PATH_LIMIT,
     BindNode,
     Created,
+    DevDirectory,
+    Directory,
     Existence,
     Exists,
     Failure,
@@ -192,6 +194,8 @@ class Confined:
             return self.send_uevent(request), []
         if isinstance(request, RouteSocket):
             return Socket(), [self.route_socket()]
+        if isinstance(request, DevDirectory):
+            return Directory(), [self.dev_directory()]
         raise OperationFailed("invalid", f"{request.op} is not for a helper", path=None)
 
     # -- walking ------------------------------------------------------------------------
@@ -475,6 +479,22 @@ class Confined:
             return Existence(False)
         os.close(fd)
         return Existence(True)
+
+    def dev_directory(self) -> int:
+        """An O_PATH fd of the container's /dev, only if it is tmpfs (or ramfs)."""
+        fd = mount.openat2(
+            self.root_fd, "dev", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=_NO_LINKS
+        )
+        try:
+            kind = mount.fs_type(fd)
+            if kind not in (mount.TMPFS_MAGIC, mount.RAMFS_MAGIC):
+                raise OperationFailed(
+                    "invalid", f"/dev is not tmpfs (filesystem type {kind:#x})", path="/dev"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _need_net(self) -> None:
         if not self.has_net:

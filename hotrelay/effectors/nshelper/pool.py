@@ -8,21 +8,23 @@ stopped containers, and those that exited on their own.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from hotrelay.core.containers import ContainerRef
 from hotrelay.effectors.nshelper.client import DEFAULT_TIMEOUT, NamespaceHelper, receive_reply
-from hotrelay.effectors.nshelper.errors import HelperError
+from hotrelay.effectors.nshelper.errors import HelperError, InjectionError
 from hotrelay.effectors.nshelper.protocol import Failure, Forked, ForkHelper, ProtocolError, encode
 from hotrelay.effectors.nshelper.server import rights
-from hotrelay.kernel import ns
+from hotrelay.kernel import mount, ns
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -146,6 +148,61 @@ class ForkServer:
                 await self._process.wait()
 
 
+_LOOKUP = (
+    mount.RESOLVE_BENEATH
+    | mount.RESOLVE_NO_SYMLINKS
+    | mount.RESOLVE_NO_MAGICLINKS
+    | mount.RESOLVE_NO_XDEV
+)
+
+
+@dataclass(slots=True)
+class _DevView:
+    """The daemon's own view of a container's tmpfs /dev, for cheap existence checks."""
+
+    pid: int
+    start_time: int | None
+    pidfd: int
+    dev_fd: int | None  # None: /dev is not tmpfs; ask the helper
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        if self.dev_fd is not None:
+            os.close(self.dev_fd)
+
+
+def _lookup(dev_fd: int, path: str) -> bool | None:
+    """Is something at ``path`` (below /dev)? None: the way there leaves the tmpfs.
+
+    Confined to the tmpfs itself (RESOLVE_NO_XDEV): a lookup there never waits on
+    userspace, so it runs right in the event loop. A mount on the leaf itself (our
+    bind-mounted node, or the container's) is something there, found without looking
+    into it; so is a symlink or anything else the container put in the way (never
+    overwritten).
+    """
+    parent_path, _, name = path.removeprefix("/dev/").rpartition("/")
+    parent = dev_fd
+    try:
+        if parent_path:
+            parent = mount.openat2(
+                dev_fd, parent_path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=_LOOKUP
+            )
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        return None if exc.errno == errno.EXDEV else True
+    try:
+        os.close(mount.openat2(parent, name, os.O_PATH | os.O_NOFOLLOW, resolve=_LOOKUP))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # EXDEV: a mount on the leaf; ELOOP: a symlink; ...
+    finally:
+        if parent != dev_fd:
+            os.close(parent)
+    return True
+
+
 class NamespaceHelpers:
     """Helpers by container: forked on first use, again after one died or idled out,
     replaced when the container restarted, closed on request."""
@@ -162,6 +219,7 @@ class NamespaceHelpers:
         self.idle_timeout = idle_timeout
         self._helpers: dict[tuple[object, str], NamespaceHelper] = {}
         self._locks: dict[tuple[object, str], trio.Lock] = {}
+        self._views: dict[tuple[object, str], _DevView] = {}
         self._server: ForkServer | None = None
         self._server_lock = trio.Lock()
         self._closed = False
@@ -251,6 +309,58 @@ class NamespaceHelpers:
             raise
         return helper
 
+    async def node_exists(self, container: ContainerRef, path: str) -> bool:
+        """Whether anything is at ``path`` (below /dev) in the container.
+
+        Looked up by the daemon itself in the container's /dev when that is tmpfs (one
+        syscall, no helper: the heal pass asks this for every node every few seconds,
+        and helpers may then stay closed); by the helper otherwise.
+        """
+        view = await self._dev_view(container)
+        if view is not None and view.dev_fd is not None:
+            found = _lookup(view.dev_fd, path)
+            if found is not None:
+                return found
+        helper = await self.get(container)
+        return await helper.exists(path)
+
+    async def _dev_view(self, container: ContainerRef) -> _DevView | None:
+        key = container.key
+        view = self._views.get(key)
+        if view is not None:
+            if (
+                view.pid == container.pid
+                and view.start_time == container.start_time
+                and ns.is_alive(view.pidfd)
+            ):
+                return view
+            del self._views[key]
+            view.close()
+        try:
+            pidfd = ns.open_pidfd(container.pid)
+        except OSError:
+            return None
+        try:
+            if (
+                container.start_time is not None
+                and ns.start_time(container.pid) != container.start_time
+            ):
+                os.close(pidfd)
+                return None
+            helper = await self.get(container)
+            try:
+                dev_fd: int | None = await helper.dev_directory()
+            except HelperError:
+                raise
+            except InjectionError:
+                dev_fd = None  # not tmpfs: the helper answers every time
+        except BaseException:
+            os.close(pidfd)
+            raise
+        view = _DevView(container.pid, container.start_time, pidfd, dev_fd)
+        self._views[key] = view
+        return view
+
     def running(self) -> list[NamespaceHelper]:
         return [helper for helper in self._helpers.values() if helper.alive]
 
@@ -267,6 +377,10 @@ class NamespaceHelpers:
             if lock is not None and not lock.locked():
                 del self._locks[key]
             reaped += 1
+        for key, view in list(self._views.items()):
+            if not ns.is_alive(view.pidfd):
+                del self._views[key]
+                view.close()
         return reaped
 
     async def close_idle(self, now: float | None = None) -> int:
@@ -296,11 +410,17 @@ class NamespaceHelpers:
         """The container stopped: stop its helper (no-op if it has none)."""
         helper = self._helpers.pop(container.key, None)
         self._locks.pop(container.key, None)
+        view = self._views.pop(container.key, None)
+        if view is not None:
+            view.close()
         if helper is not None:
             await helper.aclose()
 
     async def aclose(self) -> None:
         self._closed = True
+        views, self._views = list(self._views.values()), {}
+        for view in views:
+            view.close()
         helpers, self._helpers = list(self._helpers.values()), {}
         for helper in helpers:
             await helper.aclose()

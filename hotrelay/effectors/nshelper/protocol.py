@@ -216,6 +216,15 @@ class RouteSocket(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class DevDirectory(_Message):
+    """An O_PATH descriptor of the container's /dev, if it is an in-memory filesystem
+    (tmpfs): the daemon checks for its nodes there itself, since no lookup on tmpfs
+    can wait on userspace (as one on a FUSE mount could)."""
+
+    op: ClassVar[str] = "dev_directory"
+
+
+@dataclass(frozen=True, slots=True)
 class ForkHelper(_Message):
     """To the fork server: fork a helper for ``container``.
 
@@ -239,6 +248,7 @@ Request = (
     | Exists
     | SendUevent
     | RouteSocket
+    | DevDirectory
     | ForkHelper
 )
 
@@ -292,6 +302,13 @@ class Socket(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Directory(_Message):
+    """The reply carries one descriptor: an O_PATH directory."""
+
+    op: ClassVar[str] = "directory"
+
+
+@dataclass(frozen=True, slots=True)
 class Forked(_Message):
     """From the fork server: the helper runs; the reply carries its pidfd."""
 
@@ -310,7 +327,7 @@ class Failure(_Message):
     errno: int | None = None
 
 
-Reply = Pong | Created | Removed | Existence | Sent | Socket | Forked | Failure
+Reply = Pong | Created | Removed | Existence | Sent | Socket | Directory | Forked | Failure
 
 _REQUESTS: dict[str, type[Any]] = {
     cls.op: cls
@@ -324,11 +341,13 @@ _REQUESTS: dict[str, type[Any]] = {
         Exists,
         SendUevent,
         RouteSocket,
+        DevDirectory,
         ForkHelper,
     )
 }
 _REPLIES: dict[str, type[Any]] = {
-    cls.op: cls for cls in (Pong, Created, Removed, Existence, Sent, Socket, Forked, Failure)
+    cls.op: cls
+    for cls in (Pong, Created, Removed, Existence, Sent, Socket, Directory, Forked, Failure)
 }
 
 
