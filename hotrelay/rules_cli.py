@@ -9,6 +9,7 @@ the rules and prints the plan of actions that would run.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -148,21 +149,60 @@ def run_explain(
     return 0
 
 
-def _parse_text(data: bytes, name: str) -> Uevent:
-    """``KEY=VALUE`` lines, as ``udevadm info --query=property`` or ``udevadm info`` print.
+_MONITOR_HEADER = re.compile(r"^(KERNEL|UDEV)\s*\[[^\]]*\]\s")
 
-    ``E: KEY=VALUE`` lines (``udevadm info``) count; its other ``X: ...`` lines and
-    ``#`` comments are skipped.
+
+def _parse_json(text: str, name: str) -> Uevent:
+    """The first event in ``hotrelay monitor --json`` output (one object a line)."""
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise HotrelayError(f"{name}:{lineno}: not JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("overflow"):
+            continue
+        props = obj.get("properties")
+        if not isinstance(props, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in props.items()
+        ):
+            raise HotrelayError(f"{name}:{lineno}: a monitor event has a 'properties' object")
+        wire = Wire.UDEV if obj.get("wire") == "udev" else Wire.KERNEL
+        try:
+            return Uevent.from_properties(props, wire)
+        except UeventParseError as exc:
+            raise HotrelayError(f"{name}:{lineno}: {exc}") from None
+    raise HotrelayError(f"{name}: no event in it")
+
+
+def _parse_text(data: bytes, name: str) -> Uevent:
+    """``KEY=VALUE`` lines: ``udevadm info --query=property``, ``udevadm info`` (``E:``
+    lines), ``hotrelay monitor -p`` or ``udevadm monitor -p`` (the first event), or
+    ``hotrelay monitor --json`` (the first event).
+
+    ``udevadm info``'s other ``X: ...`` lines and ``#`` comments are skipped.
     """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise HotrelayError(f"{name}: not a uevent (neither wire format nor UTF-8 text)") from exc
+    if text.lstrip().startswith("{"):
+        return _parse_json(text, name)
     props: dict[str, str] = {}
+    wire: Wire | None = None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        header = _MONITOR_HEADER.match(line)
+        if header:
+            if props:
+                break  # the next event of a monitor capture: simulate takes the first
+            wire = Wire.UDEV if header[1] == "UDEV" else Wire.KERNEL
+            continue
+        if line.startswith(("monitor will print", "KERNEL - ", "UDEV - ")):
+            continue  # udevadm monitor's banner
         if line.startswith("E: "):
             line = line[3:]
         elif len(line) > 2 and line[1] == ":" and line[0].isupper() and line[2] == " ":
@@ -171,8 +211,9 @@ def _parse_text(data: bytes, name: str) -> Uevent:
         if not sep or not key:
             raise HotrelayError(f"{name}:{lineno}: expected KEY=VALUE, got {raw[:60]!r}")
         props[key] = value
-    # udevd adds USEC_INITIALIZED to every event it processed: that is its wire.
-    wire = Wire.UDEV if "USEC_INITIALIZED" in props else Wire.KERNEL
+    if wire is None:
+        # udevd adds USEC_INITIALIZED to every event it processed: that is its wire.
+        wire = Wire.UDEV if "USEC_INITIALIZED" in props else Wire.KERNEL
     try:
         return Uevent.from_properties(props, wire)
     except UeventParseError as exc:

@@ -66,6 +66,51 @@ def test_monitor_human_output_and_counters() -> None:
     assert "0 untrusted" in err
 
 
+ZRAM_RULE = """
+[[rule]]
+name = "zram-to-box"
+target = ["lxc:box"]
+[rule.match]
+subsystem = "block"
+kernel = "{kernel}"
+[rule.device]
+path = "/dev/disks/{{kernel}}"
+"""
+
+
+@pytest.mark.parametrize("form", ["-p", "--json"])
+def test_simulate_reads_what_monitor_prints(form: str, tmp_path: Path) -> None:
+    """An operator captures an event with `hotrelay monitor` and asks `simulate`
+    what the daemon would do with it: both of monitor's forms are read."""
+    proc = start_monitor(form, "--subsystem", "block", "--count", "1", "--timeout", "10")
+    try:
+        with ZramDevice() as zram:
+            out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    capture = tmp_path / "event.txt"
+    capture.write_text(out)
+    rules = tmp_path / "rules.d"
+    rules.mkdir()
+    (rules / "10-zram.toml").write_text(ZRAM_RULE.format(kernel=zram.name))
+
+    plan = subprocess.run(
+        [*HOTRELAY, "simulate", "--rules", str(rules), "--json", str(capture)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert plan.returncode == 0, plan.stderr
+    report = json.loads(plan.stdout)
+    assert report["event"]["action"] == "add"
+    assert report["event"]["devpath"] == zram.devpath
+    assert [m["name"] for m in report["matched"]] == ["zram-to-box"]
+    kinds = [action["action"] for action in report["actions"]]
+    assert "GrantDevice" in kinds, kinds
+    assert "MakeNode" in kinds, kinds
+
+
 def leftovers() -> dict[str, set[str]]:
     cgroups = set()
     for root in (
