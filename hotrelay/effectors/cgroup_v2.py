@@ -232,9 +232,11 @@ class CgroupV2Devices:
             self._roll_back(touched, rule)
             raise self._error(current, rule, "grant", exc) from exc
         if not touched:
-            log.info(
-                "v2 %s: no device program attached in the tree, so every device is "
-                "allowed there; %s changes nothing",
+            # The usual case on hosts where v1 is the device gate (v2 then has no
+            # device program): nothing to do here, and nothing to alarm anyone about.
+            log.debug(
+                "v2 %s: no device program in this cgroup tree (v2 does not restrict "
+                "devices here); nothing to add for %s",
                 cgroup,
                 rule.render(),
             )
