@@ -281,5 +281,10 @@ def run_daemon_monitor(args: argparse.Namespace, out: TextIO) -> int:
             out.flush()
             seen += 1
             if count is not None and seen >= count:
-                break
-    return 0
+                return 0
+    # The stream ends only when the daemon closes it: it stopped (or restarted).
+    print(
+        f"hotrelay monitor: the daemon closed the stream after {seen} event(s) (did it stop?)",
+        file=sys.stderr,
+    )
+    return 1

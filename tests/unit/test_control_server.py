@@ -761,6 +761,31 @@ async def test_cli_monitor_from_the_daemon(socket_dir: Path, handler: RecordingH
         assert out.getvalue().splitlines() == expected
 
 
+async def test_cli_monitor_says_so_when_the_daemon_stops(
+    socket_dir: Path, handler: RecordingHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``monitor --daemon`` used to end with status 0 and no word when the daemon went."""
+    path = socket_dir / "control.sock"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--count", type=int)
+    add_daemon_monitor_options(parser)
+    args = parser.parse_args(["--daemon", "--socket", str(path)])
+    out = io.StringIO()
+    results: list[int] = []
+
+    async def client() -> None:
+        results.append(await trio.to_thread.run_sync(run_daemon_monitor, args, out))
+
+    async with trio.open_nursery() as nursery, running(handler, ControlSettings(path)):
+        nursery.start_soon(client)
+        await eventually(lambda: handler.feed.subscribers == 1)
+        handler.feed.publish({"type": "uevent", "action": "add", "devpath": "/devices/x"})
+        await eventually(lambda: out.getvalue() != "")
+    assert results == [1]
+    assert "the daemon closed the stream after 1 event(s)" in capsys.readouterr().err
+
+
 def test_cli_finds_the_socket_in_the_config(tmp_path: Path) -> None:
     config = tmp_path / "hotrelay.toml"
     assert default_socket(config) == Path("/run/hotrelay/control.sock")  # no file
