@@ -8,13 +8,14 @@ caches them per event, so each is done at most once per event.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from pathlib import Path
 
 from hotrelay.core.uevent import Uevent, UeventParseError
 from hotrelay.errors import HotrelayError
 
-__all__ = ["SYSFS", "SysfsDevice", "SysfsError", "resolve_device"]
+__all__ = ["SYSFS", "SysfsDevice", "SysfsError", "devnum_mismatch", "resolve_device"]
 
 SYSFS = Path("/sys")
 # sysfs attributes are at most a page; anything longer is a binary blob nobody matches.
@@ -25,7 +26,7 @@ class SysfsError(HotrelayError):
     """A device that cannot be found or read in sysfs."""
 
 
-def _link_name(path: Path) -> str | None:
+def _link_name(path: str | os.PathLike[str]) -> str | None:
     try:
         return os.path.basename(os.readlink(path))
     except OSError:
@@ -143,6 +144,42 @@ class SysfsDevice:
 
     def __repr__(self) -> str:
         return f"SysfsDevice({str(self.path)!r})"
+
+
+def devnum_mismatch(uevent: Uevent, root: str = "/sys") -> str | None:
+    """Why the event's MAJOR:MINOR is not the device at its DEVPATH, or None if it is.
+
+    Every device number the daemon grants comes from an event, and a sender that may
+    speak on a trusted group (udevd, or host root handing the kernel a message with
+    UEVENT_SEND) could name a harmless device's DEVPATH with the host's root disk's
+    number. sysfs says what the number really is: ``/sys/dev/{block,char}/MAJ:MIN``
+    links to the device's directory, so it must lead to DEVPATH, and ``block`` vs
+    ``char`` (the only part of SUBSYSTEM a grant uses) is checked by which of the two
+    holds the link, and SUBSYSTEM itself against the device's ``subsystem`` link.
+    Two readlinks; events without a device number (and removes, whose device is
+    gone) have nothing to check and cost nothing.
+    """
+    major = uevent.major
+    minor = uevent.minor
+    if major is None or minor is None or uevent.action == "remove":
+        return None
+    kind = "block" if uevent.subsystem == "block" else "char"
+    directory = f"{root}/dev/{kind}"
+    try:
+        target = os.readlink(f"{directory}/{major}:{minor}")
+    except FileNotFoundError:
+        return f"{kind} device {major}:{minor} does not exist"
+    except OSError as exc:
+        return f"{kind} device {major}:{minor}: {exc.strerror or exc}"
+    devpath = uevent.devpath
+    if target != "../.." + devpath:  # how sysfs writes these links: the cheap common case
+        actual = posixpath.normpath(posixpath.join(directory, target))
+        if actual != root + devpath:
+            return f"{kind} device {major}:{minor} is {actual.removeprefix(root)}, not {devpath}"
+    subsystem = _link_name(root + devpath + "/subsystem")
+    if subsystem != uevent.subsystem:
+        return f"{devpath} is of subsystem {subsystem}, not {uevent.subsystem}"
+    return None
 
 
 def _read_at_most(path: str, limit: int) -> bytes:

@@ -63,6 +63,7 @@ __all__ = [
     "ControlSocketError",
     "activation_socket",
     "bind_control_socket",
+    "prepare_socket_directory",
     "read_peer",
     "resolve_group",
     "serve_control",
@@ -113,14 +114,24 @@ def resolve_group(group: str | int | None) -> int | None:
 # Setting the socket up.
 
 
-def _prepare_directory(directory: Path, group: int | None) -> None:
+def prepare_socket_directory(directory: Path, group: int | None, *, own: bool = False) -> None:
     """Create the socket's directory private (0700; 0710 and group-owned with a group, so
-    that members can reach the socket but not list the state next to it). An existing
-    directory is never changed: it may be /run itself."""
+    that members can reach the socket but not list the state next to it).
+
+    An existing directory is left alone (it may be /run itself) unless ``own`` says it
+    is the daemon's own state directory (the default layout, /run/hotrelay): that one
+    is set to what a fresh one would be, since an earlier run without the group (or
+    with another) would otherwise keep members out for good. Only a directory that is
+    already closed to others is adjusted: a shared one such as /run never is.
+    """
     try:
         directory.mkdir(mode=0o700, parents=True)
     except FileExistsError:
-        info = directory.stat()
+        info = directory.lstat()
+        private = stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o007
+        if own and private and info.st_uid == os.geteuid():
+            _set_private(directory, group)
+            return
         if group is not None and not (
             info.st_mode & 0o001 or (info.st_gid == group and info.st_mode & 0o010)
         ):
@@ -132,6 +143,10 @@ def _prepare_directory(directory: Path, group: int | None) -> None:
                 group,
             )
         return
+    _set_private(directory, group)
+
+
+def _set_private(directory: Path, group: int | None) -> None:
     if group is not None:
         os.chown(directory, -1, group)
         os.chmod(directory, 0o710)
@@ -174,7 +189,7 @@ def bind_control_socket(
     Blocks briefly (probing a stale socket): call it from a thread in async code.
     """
     try:
-        _prepare_directory(path.parent, group)
+        prepare_socket_directory(path.parent, group)
         _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except OSError as exc:

@@ -14,6 +14,7 @@ state_dir = "/run/hotrelay"
 socket = "/run/hotrelay/control.sock"
 socket_group = "hotrelay"            # may use status, list and monitor
 source = "auto"                      # auto | kernel | udev
+udev_control = "/run/udev/control"   # udevd's control socket: its listener is udevd
 rcvbuf = "64M"                       # or a number of bytes
 heal_interval = 5                    # seconds; 0 turns self-healing off
 revoke_on_exit = false
@@ -68,6 +69,7 @@ DEFAULT_CONFIG_PATH = "/etc/hotrelay/hotrelay.toml"
 DEFAULT_RULES_DIR = "/etc/hotrelay/rules.d"
 DEFAULT_STATE_DIR = "/run/hotrelay"
 DEFAULT_SOCKET = "/run/hotrelay/control.sock"
+DEFAULT_UDEV_CONTROL = "/run/udev/control"  # equal to hotrelay.daemon.source.UDEV_CONTROL
 DEFAULT_RCVBUF = 64 * 1024 * 1024  # equal to hotrelay.daemon.source.DEFAULT_RCVBUF (tested)
 DEFAULT_HEAL_INTERVAL = 5.0
 
@@ -150,6 +152,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_group: str | int | None = None
     source: SourceName = "auto"
+    udev_control: str = DEFAULT_UDEV_CONTROL
     rcvbuf: int = DEFAULT_RCVBUF
     heal_interval: float = DEFAULT_HEAL_INTERVAL  # 0: no self-healing pass
     revoke_on_exit: bool = False
@@ -449,6 +452,7 @@ def load_config_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         "socket": _socket_path,
         "socket_group": _group,
         "source": _choice(SOURCES),
+        "udev_control": _socket_path,
         "rcvbuf": _size,
         "heal_interval": _seconds,
         "revoke_on_exit": _boolean,

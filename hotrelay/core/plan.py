@@ -38,6 +38,7 @@ __all__ = [
     "RemoveSymlink",
     "RevokeDevice",
     "SkipRule",
+    "SkipSymlink",
     "action_to_dict",
     "plan_for",
 ]
@@ -181,6 +182,21 @@ class SkipRule:
         return f"skip rule {self.origin} for {_name(self.container)}: {self.reason}"
 
 
+@dataclass(frozen=True, slots=True)
+class SkipSymlink:
+    """One symlink of a rule left out for this event (its template has no value, ...);
+    the node and everything else of the rule still go in. Does nothing: it says why."""
+
+    container: Container
+    link: str  # the template, as the rule wrote it
+    reason: str
+    origin: str
+
+    def describe(self) -> str:
+        # The reason quotes the template already.
+        return f"skip symlink in {_name(self.container)}: {self.reason}"
+
+
 Action = (
     GrantDevice
     | RevokeDevice
@@ -191,6 +207,7 @@ Action = (
     | InjectUevent
     | MoveNetdev
     | SkipRule
+    | SkipSymlink
 )
 
 _WIRES: dict[UeventMode, tuple[Wire | None, ...]] = {
@@ -220,7 +237,12 @@ def _injections(rule: Rule, container: Container, uevent: Uevent) -> list[Action
 
 
 def _node_actions(
-    rule: Rule, container: Container, uevent: Uevent, node: str, symlinks: Sequence[str]
+    rule: Rule,
+    container: Container,
+    uevent: Uevent,
+    node: str,
+    symlinks: Sequence[str],
+    skipped_links: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[Action], list[Action]]:
     """(add-order actions, remove-order actions) for one device node in one container."""
     assert uevent.major is not None
@@ -243,6 +265,7 @@ def _node_actions(
             rule.name,
         ),
         *(MakeSymlink(container, link, target, rule.name) for link, target in links),
+        *(SkipSymlink(container, link, why, rule.name) for link, why in skipped_links),
     ]
     remove: list[Action] = [
         *(RemoveSymlink(container, link, target, rule.name) for link, target in reversed(links)),
@@ -252,19 +275,31 @@ def _node_actions(
     return add, remove
 
 
-def _paths(rule: Rule, uevent: Uevent) -> tuple[str, list[str]]:
-    """The node path and symlink paths in the container, expanded and confined to /dev."""
+def _paths(rule: Rule, uevent: Uevent) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """The node path and symlink paths in the container, expanded and confined to /dev,
+    and (template, why) for each symlink that cannot be made for this event.
+
+    Without a node path the rule cannot apply (TemplateError); a symlink whose
+    template has no value (``{ID_SERIAL}`` on a host without udevd, say) is only that
+    link left out: the device still goes in.
+    """
     spec = rule.device
     if spec.path is not None:
-        node = confine_to_dev(spec.path.expand(uevent))
+        node = confine_to_dev(spec.path.expand_path(uevent))
     elif uevent.node is not None:
         node = confine_to_dev(uevent.node)
     else:
         raise TemplateError(f"{uevent.devpath} has no DEVNAME and the rule sets no device.path")
-    symlinks = [confine_to_dev(link.expand(uevent)) for link in spec.symlinks]
+    symlinks: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for link in spec.symlinks:
+        try:
+            symlinks.append(confine_to_dev(link.expand_path(uevent)))
+        except TemplateError as exc:
+            skipped.append((link.text, str(exc)))
     if node in symlinks:
         raise TemplateError(f"symlink {node} would replace the device node itself")
-    return node, symlinks
+    return node, symlinks, skipped
 
 
 def _netdev_name(rule: Rule, uevent: Uevent) -> tuple[str, str | None]:
@@ -301,14 +336,14 @@ def _steps(rule: Rule, uevent: Uevent, containers: Sequence[Container]) -> list[
         return []  # no node: the nodes below this device are what gets relayed
     injections = [tuple(_injections(rule, c, uevent)) for c in containers]
     try:
-        node, symlinks = _paths(rule, uevent)
+        node, symlinks, skipped_links = _paths(rule, uevent)
     except TemplateError as exc:
         skip = (SkipRule(rule.name, str(exc)),)
         # Replaying a change needs no path; adding or removing the node does.
         return [_Steps(skip, skip, ())] + [_Steps((), (), i) for i in injections]
     steps = []
     for container, injected in zip(containers, injections, strict=True):
-        add, remove = _node_actions(rule, container, uevent, node, symlinks)
+        add, remove = _node_actions(rule, container, uevent, node, symlinks, skipped_links)
         steps.append(_Steps((*add, *injected), (*injected, *remove), injected))
     return steps
 

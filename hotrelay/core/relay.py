@@ -34,6 +34,7 @@ from hotrelay.core.plan import (
     MakeNode,
     MakeSymlink,
     SkipRule,
+    SkipSymlink,
     plan_for,
 )
 from hotrelay.core.rules import DeviceView, MatchMemory, Rule, RuleSet
@@ -129,6 +130,11 @@ class Binding:
         """Why this binding cannot be applied (a template with no value, ...), if so."""
         return tuple(a for a in self.actions if isinstance(a, SkipRule))
 
+    @property
+    def left_out(self) -> tuple[SkipSymlink, ...]:
+        """Symlinks this binding leaves out (it applies all the same), and why."""
+        return tuple(a for a in self.actions if isinstance(a, SkipSymlink))
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyJob:
@@ -209,10 +215,19 @@ class Relay:
         self._by_devpath: dict[str, set[BindingKey]] = {}
         self._by_container: dict[tuple[Runtime, str], set[BindingKey]] = {}
         self._applied: dict[BindingKey, str] = {}  # key -> fingerprint
+        # Interfaces the ledger says we moved into a container, by key -> (pid, start
+        # time) of that container: the host no longer sees them, so no enumeration
+        # after a restart can say they are still wanted. They are kept while that very
+        # container runs and a rule of that name still targets it.
+        self._held: dict[BindingKey, tuple[int, int | None]] = {}
         self._inflight: dict[BindingKey, Job] = {}
         self._retry: dict[BindingKey, _Retry] = {}
         self._notify: dict[BindingKey, Uevent] = {}  # the latest change to tell
         self._dirty: set[BindingKey] = set()
+        # Bindings made since take_skipped() that cannot apply (SkipRule): the daemon logs why.
+        self._new_skipped: list[Binding] = []
+        # key -> what was last handed out about that binding's skips.
+        self._told: dict[BindingKey, tuple[str, ...]] = {}
         self._now = 0.0
 
     # -- what the relay knows --------------------------------------------------------
@@ -233,6 +248,11 @@ class Relay:
     def inflight(self) -> Mapping[BindingKey, Job]:
         return self._inflight
 
+    @property
+    def held(self) -> frozenset[BindingKey]:
+        """Applied interface moves kept without a device the host can see (restart)."""
+        return frozenset(k for k in self._held if k not in self._desired and self._holds(k))
+
     def failing(self) -> dict[BindingKey, str]:
         return {key: retry.error for key, retry in self._retry.items()}
 
@@ -240,8 +260,8 @@ class Relay:
         """Nothing in flight and nothing left to do (retries pending count as work)."""
         if self._inflight or self._notify or self._retry:
             return False
-        return all(self._applied.get(k) == b.fingerprint for k, b in self._desired.items()) and (
-            self._applied.keys() <= self._desired.keys()
+        return all(self._applied.get(k) == b.fingerprint for k, b in self._desired.items()) and all(
+            k in self._desired or self._holds(k) for k in self._applied
         )
 
     # -- inputs -------------------------------------------------------------------------
@@ -275,7 +295,11 @@ class Relay:
             rules = tuple(self._memory.match(self.rules, uevent, device))
             self._set_device(uevent, rules)
         for devpath in [p for p in self._devices if p not in seen]:
-            if not self._moved_netdev(devpath):
+            if self._moved_netdev(devpath):
+                # In a container, so the host cannot list it: kept, for the rules that
+                # still do the same (a changed or removed rule undoes the move).
+                self._rematch_moved(devpath)
+            else:
                 self._forget_device(devpath)
                 self._memory.forget(devpath)
 
@@ -283,6 +307,7 @@ class Relay:
         """New rules; the daemon follows with :meth:`resync_devices` to re-match."""
         self.rules = rules
         self._memory = MatchMemory()
+        self._dirty.update(self._held)
 
     def container_started(self, container: ContainerRef) -> None:
         """A container is running (new, restarted under the same name, or refreshed)."""
@@ -290,12 +315,14 @@ class Relay:
         self._containers[container.key] = container
         if old is not None:
             self._dirty.update(self._by_container.get(old.key, ()))
+        self._dirty.update(self._held_of(container.key))
         for devpath, dev in self._devices.items():
             self._bind_device(devpath, dev, only=container)
 
     def container_stopped(self, runtime: Runtime, name: str) -> None:
         if self._containers.pop((runtime, name), None) is None:
             return
+        self._dirty.update(self._held_of((runtime, name)))
         for key in list(self._by_container.get((runtime, name), ())):
             self._drop_desired(key)
 
@@ -308,10 +335,24 @@ class Relay:
             if self._containers.get(container.key) != container:
                 self.container_started(container)
 
-    def restore(self, applied: Mapping[BindingKey, str]) -> None:
-        """Bindings the ledger says are applied (key -> fingerprint), at start-up."""
+    def restore(
+        self,
+        applied: Mapping[BindingKey, str],
+        *,
+        moved_netdevs: Mapping[BindingKey, tuple[int, int | None]] | None = None,
+    ) -> None:
+        """Bindings the ledger says are applied (key -> fingerprint), at start-up.
+
+        ``moved_netdevs``: those of them that moved a network interface into a
+        container, with that container's (pid, start time). Such an interface is in
+        the container's netns, so the host's enumeration cannot show it; it is not
+        undone for that, only when its container goes or its rule no longer names it.
+        """
         self._applied.update(applied)
         self._dirty.update(applied)
+        for key, incarnation in (moved_netdevs or {}).items():
+            if key in applied and applied[key] != "partial":
+                self._held[key] = incarnation
 
     def job_done(self, job: Job, *, error: str | None = None, leftover: bool = False) -> None:
         """A job finished. ``error`` None is success. ``leftover`` after a failed apply
@@ -328,6 +369,7 @@ class Relay:
             # its back-off, so a device that always fails is not hammered.
             if retry is not None and (isinstance(job, ApplyJob) or retry.kind is _Failure.UNDO):
                 del self._retry[key]
+            self._held.pop(key, None)
             if isinstance(job, ApplyJob):
                 self._applied[key] = job.binding.fingerprint
                 self.stats.applied += 1
@@ -357,6 +399,13 @@ class Relay:
 
     # -- output -------------------------------------------------------------------------
 
+    def take_skipped(self) -> list[Binding]:
+        """Bindings made since the last call that a rule cannot apply (a template with no
+        value, an unsafe path, ...) or that leave a symlink out, so that the daemon logs
+        each once, with why."""
+        skipped, self._new_skipped = self._new_skipped, []
+        return skipped
+
     def next_jobs(self) -> list[Job]:
         """Jobs to run now. Each returned job is in flight until :meth:`job_done`."""
         jobs: list[Job] = []
@@ -383,7 +432,10 @@ class Relay:
         want = self._desired.get(key)
         have = self._applied.get(key)
         job: Job | None = None
-        if want is not None and have == want.fingerprint:
+        settled = want is not None and have == want.fingerprint
+        # An interface moved in before a restart: no device shows it, yet it is kept.
+        held = want is None and have is not None and self._holds(key)
+        if settled or held:
             job = None
         elif have is not None:
             job = UndoJob(key)  # gone, changed or partial: undo first, re-apply after
@@ -398,6 +450,30 @@ class Relay:
         return job
 
     # -- internals ----------------------------------------------------------------------
+
+    def _holds(self, key: BindingKey) -> bool:
+        """Is this restored interface move still wanted, though no device shows it?"""
+        incarnation = self._held.get(key)
+        if incarnation is None:
+            return False
+        container = self._containers.get((key.runtime, key.container))
+        if container is None or (container.pid, container.start_time) != incarnation:
+            return False
+        rule = self.rules.get(key.rule)
+        return rule is not None and any(t.selects(container) for t in rule.targets)
+
+    def _rematch_moved(self, devpath: str) -> None:
+        dev = self._devices[devpath]
+        kept = tuple(
+            new
+            for old in dev.rules
+            if (new := self.rules.get(old.name)) is not None and _same_effect(old, new)
+        )
+        if kept != dev.rules:
+            self._set_device(dev.uevent, kept)
+
+    def _held_of(self, container: tuple[Runtime, str]) -> list[BindingKey]:
+        return [k for k in self._held if (k.runtime, k.container) == container]
 
     def _moved_netdev(self, devpath: str) -> bool:
         dev = self._devices.get(devpath)
@@ -421,6 +497,8 @@ class Relay:
 
     def _forget_device(self, devpath: str) -> None:
         self._devices.pop(devpath, None)
+        for key in self._by_devpath.get(devpath, ()):
+            self._told.pop(key, None)
         self._unbind_device(devpath)
 
     def _unbind_device(self, devpath: str) -> None:
@@ -430,6 +508,14 @@ class Relay:
     def _add_desired(self, binding: Binding) -> None:
         key = binding.key
         self._desired[key] = binding
+        said = tuple(
+            [skip.describe() for skip in binding.skipped]
+            + [left.describe() for left in binding.left_out]
+        )
+        if said and self._told.get(key) != said:
+            # Said once per binding and reason: a resync or a change plans it again.
+            self._told[key] = said
+            self._new_skipped.append(binding)
         self._by_devpath.setdefault(key.devpath, set()).add(key)
         self._by_container.setdefault((key.runtime, key.container), set()).add(key)
         self._dirty.add(key)
@@ -463,6 +549,16 @@ class Relay:
             # job is built then (a storm of changes to a device relayed into a hundred
             # containers once built a hundred messages per event to throw away).
             self._notify[key] = uevent
+
+
+def _same_effect(old: Rule, new: Rule) -> bool:
+    """Would ``new`` relay a device exactly as ``old`` did (file and line aside)?"""
+    return (old.targets, old.conditions, old.device, old.netdev) == (
+        new.targets,
+        new.conditions,
+        new.device,
+        new.netdev,
+    )
 
 
 def _share_grant(bindings: Sequence[Binding]) -> list[Binding]:

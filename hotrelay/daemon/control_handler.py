@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from hotrelay import __version__
-from hotrelay.core.containers import Runtime
+from hotrelay.core.containers import ContainerRef, Runtime
 from hotrelay.core.plan import MakeNode
 from hotrelay.core.rules import RuleSetError, load_rules_text
 from hotrelay.core.rules.model import Target, TargetError
@@ -110,6 +110,9 @@ class DaemonControl:
             "reloads": daemon.stats.reloads,
             "reload_errors": daemon.stats.reload_errors,
             "heals": daemon.stats.heals,
+            "dropped_mismatch": daemon.stats.dropped_mismatch,
+            "last_mismatch": daemon.stats.last_mismatch,
+            "links_left_out": daemon.stats.links_left_out,
         }
         if source is not None:
             counters.update({f"source_{k}": v for k, v in source.stats.as_dict().items()})
@@ -119,32 +122,48 @@ class DaemonControl:
             "source": None if source is None else source.kind.value,
             "counters": counters,
             "containers": [
-                {"runtime": c.runtime.value, "name": c.name, "pid": c.pid}
+                {"runtime": c.runtime.value, "name": c.name, "pid": c.pid, "target": shown(c)}
                 for c in relay.containers.values()
             ],
             "rule_files": list(relay.rules.files),
             "rules": len(relay.rules),
             "failing": {str(k): v for k, v in relay.failing().items()},
+            # What the current bindings leave out, and why (they apply all the same).
+            "left_out": [
+                {"binding": str(key), "link": left.link, "reason": left.reason}
+                for key, binding in sorted(relay.desired.items(), key=lambda kv: str(kv[0]))
+                for left in binding.left_out
+            ],
             "last_reload_error": daemon.stats.last_reload_error,
         }
 
     def grants(self) -> list[dict[str, Any]]:
         relay = self._daemon.relay
+        held = relay.held
         rows = []
         for key in sorted(relay.applied, key=str):
             binding = relay.desired.get(key)
+            container = relay.containers.get((key.runtime, key.container))
             node = next(
                 (a for a in binding.actions if isinstance(a, MakeNode)) if binding else iter(()),
                 None,
             )
             rows.append(
                 {
-                    "container": f"{key.runtime.value}:{key.container}",
+                    "container": (
+                        shown(container)
+                        if container is not None
+                        else f"{key.runtime.value}:{key.container}"
+                    ),
                     "device": binding.uevent.node or key.devpath if binding else key.devpath,
                     "path": node.path if node is not None else None,
                     "rule": key.rule,
                     "since": self._daemon.applied_since.get(key),
-                    "state": "applied" if binding else "being undone",
+                    "state": "applied" if binding or key in held else "being undone",
+                    "left_out": [
+                        f"{left.link}: {left.reason}"
+                        for left in (binding.left_out if binding else ())
+                    ],
                 }
             )
         return rows
@@ -206,6 +225,14 @@ class DaemonControl:
         # container now would wait for the hook, i.e. for us.
         self._nursery.start_soon(self._daemon.refresh_container, kind, name)
         return {"scheduled": f"{runtime}:{name}"}
+
+
+def shown(container: ContainerRef) -> str:
+    """How ``list`` and ``status`` name a container: a pid: target with its start
+    time (``pid:PID@STARTTIME``), the form that names that one process only."""
+    if container.runtime is Runtime.PID and container.start_time is not None:
+        return f"pid:{container.pid}@{container.start_time}"
+    return container.target
 
 
 def _read(path: Path) -> str:

@@ -17,7 +17,14 @@ import trio
 
 from hotrelay.core.containers import ContainerRef, IdMap, IdRange, Runtime
 from hotrelay.core.device_access import DeviceRule, DeviceType, parse_devices_list
-from hotrelay.core.plan import GrantDevice, InjectUevent, MakeNode, MakeSymlink, MoveNetdev
+from hotrelay.core.plan import (
+    GrantDevice,
+    InjectUevent,
+    MakeNode,
+    MakeSymlink,
+    MoveNetdev,
+    SkipSymlink,
+)
 from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.executor import EffectorError
 from hotrelay.effectors.cgroup_v2 import V2Grant, render_rule
@@ -33,6 +40,7 @@ __all__ = [
     "InjectEffector",
     "NetdevEffector",
     "NodeEffector",
+    "NoteEffector",
     "SymlinkEffector",
     "container_from_json",
     "container_to_json",
@@ -247,7 +255,9 @@ class NodeEffector(_InContainer):
 
     async def apply(self, action: MakeNode, record: Record) -> Record:
         container = _resolved(action)
-        owner = await resolve_owner_async(container, user=action.owner, group=action.group)
+        owner = await resolve_owner_async(
+            container, user=action.owner, group=action.group, helpers=self._helpers
+        )
         try:
             node = await self._nodes.make_node(
                 container,
@@ -335,7 +345,9 @@ class InjectEffector(_InContainer):
         }
 
     async def apply(self, action: InjectUevent, record: Record) -> Record:
-        sent = await self._injector.inject(_resolved(action), action.uevent, wire=action.wire)
+        sent = await self._injector.inject(
+            _resolved(action), action.uevent, wire=action.wire, devlinks=_devlinks(action.uevent)
+        )
         return {**record, "pending": False, "sent": sent.to_json()}
 
     async def undo(self, record: Record) -> None:
@@ -344,10 +356,19 @@ class InjectEffector(_InContainer):
             return  # nobody inside heard the add (or nobody is left to hear the remove)
         uevent = Uevent.from_properties(record["uevent"]).replace(ACTION="remove", SEQNUM=None)
         wire = None if record.get("wire") is None else Wire(record["wire"])
-        await self._injector.inject(container, uevent, wire=wire)
+        await self._injector.inject(container, uevent, wire=wire, devlinks=_devlinks(uevent))
 
     async def notify(self, action: InjectUevent) -> None:
-        await self._injector.inject(_resolved(action), action.uevent, wire=action.wire)
+        await self._injector.inject(
+            _resolved(action), action.uevent, wire=action.wire, devlinks=_devlinks(action.uevent)
+        )
+
+
+def _devlinks(uevent: Uevent) -> tuple[str, ...]:
+    """The container-side links the relay put in DEVLINKS (core.relay._inside_view); the
+    injector writes DEVLINKS from what it is given, and would otherwise drop them.
+    Space-separated as udev has them: template values never carry whitespace."""
+    return tuple((uevent.get("DEVLINKS") or "").split())
 
 
 class NetdevEffector(_InContainer):
@@ -367,4 +388,23 @@ class NetdevEffector(_InContainer):
         container = await self._target(record)
         if container is None or "moved" not in record:
             return  # a netns that dies hands physical interfaces back to the host itself
+        # Only the very interface moved in goes back (its identity is checked); one the
+        # container put in its place is left there, logged, and the move counts as undone.
         await self._mover.move_out(container, MovedNetdev.from_json(record["moved"]))
+
+
+class NoteEffector:
+    """SkipSymlink: nothing to do; its step in the ledger says what was left out, and why."""
+
+    def prepare(self, action: SkipSymlink) -> Record:
+        return {"note": action.describe()}
+
+    async def apply(self, action: SkipSymlink, record: Record) -> Record:
+        await trio.lowlevel.checkpoint()
+        return record
+
+    async def undo(self, record: Record) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def notify(self, action: Any) -> None:
+        raise EffectorError(f"{action.describe()}: not a one-off action")

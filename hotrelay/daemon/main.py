@@ -17,7 +17,12 @@ from pathlib import Path
 
 import trio
 
-from hotrelay.control.server import ControlSettings, activation_socket, serve_control
+from hotrelay.control.server import (
+    ControlSettings,
+    activation_socket,
+    prepare_socket_directory,
+    serve_control,
+)
 from hotrelay.core.config import Config, RuntimesConfig, load_config_text
 from hotrelay.core.containers import Runtime
 from hotrelay.core.relay import BindingKey
@@ -28,6 +33,7 @@ from hotrelay.daemon.effectors import (
     InjectEffector,
     NetdevEffector,
     NodeEffector,
+    NoteEffector,
     SymlinkEffector,
 )
 from hotrelay.daemon.executor import Effector, Executor, key_from_record
@@ -37,6 +43,7 @@ from hotrelay.daemon.metrics import DaemonMetrics, serve_metrics
 from hotrelay.daemon.pump import Daemon, DaemonOptions
 from hotrelay.daemon.sdnotify import Notifier, feed_watchdog, watchdog_interval
 from hotrelay.daemon.source import SourceKind
+from hotrelay.daemon.statelock import lock_state_directory
 from hotrelay.effectors.cgroups import DeviceGrants
 from hotrelay.effectors.devnode import DeviceNodes
 from hotrelay.effectors.netdev import NetdevMover
@@ -161,7 +168,7 @@ async def _heal(
     count: Callable[[int], None],
 ) -> int:
     """The self-healing pass, for settled bindings: device-cgroup grants a runtime took
-    away (``runc update``, ``systemctl daemon-reload``), here and now; nodes a container
+    away (a systemd-managed policy on ``systemctl daemon-reload``), here and now; nodes a container
     deleted, by a task in each container's queue (one helper round trip per node: the
     pump, which runs this pass, must not wait for thousands of them)."""
     await trio.lowlevel.checkpoint()
@@ -254,6 +261,7 @@ async def run_daemon(options: RunOptions) -> int:
         rules_dir=rules_dir,
         state_dir=state_dir,
         source=SourceKind(options.source or config.source),
+        udev_control=Path(config.udev_control),
         rcvbuf=config.rcvbuf,
         heal_interval=config.heal_interval,
         revoke_on_exit=(
@@ -263,7 +271,14 @@ async def run_daemon(options: RunOptions) -> int:
     settings = ControlSettings.from_config(config)
     if options.socket is not None:
         settings = ControlSettings(options.socket, settings.group)
+    if settings.path.parent == state_dir:
+        # The default layout (/run/hotrelay/control.sock): the state directory is also
+        # the socket's, so socket_group members must be able to search it (0710).
+        prepare_socket_directory(state_dir, settings.group, own=True)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Before anything reads or writes the state: one daemon per state directory. The
+    # descriptor stays open (and locked) until this process ends.
+    lock_state_directory(state_dir)
 
     notifier = Notifier.from_environment()
     metrics = DaemonMetrics()
@@ -278,6 +293,7 @@ async def run_daemon(options: RunOptions) -> int:
         "MakeSymlink": SymlinkEffector(nodes),
         "InjectUevent": InjectEffector(UeventInjector(helpers)),
         "MoveNetdev": NetdevEffector(NetdevMover(helpers)),
+        "SkipSymlink": NoteEffector(),
     }
     settings_source = _Settings(options, config, state_dir)
     daemon = Daemon(
@@ -292,6 +308,8 @@ async def run_daemon(options: RunOptions) -> int:
     )
     try:
         async with trio.open_nursery() as nursery:
+            # The fork server now, not on the first plug: that plug pays a fork only.
+            await helpers.start()
             nursery.start_soon(helpers.reap_forever)
             await nursery.start(daemon.run)
             handler = DaemonControl(daemon, nursery)

@@ -241,8 +241,8 @@ class Registry:
 
 class DaemonMetrics:
     """The daemon's metrics, on their own registry. Label values are the daemon's words:
-    source (kernel, udev), verdict (matched, unmatched, untrusted, malformed), kind (grant,
-    revoke, make-node, ...), outcome (ok, failed, skipped)."""
+    source (kernel, udev), verdict (matched, unmatched, untrusted, malformed, mismatch),
+    kind (grant, revoke, make-node, ...), outcome (ok, failed, skipped)."""
 
     def __init__(self, registry: Registry | None = None) -> None:
         self.registry = registry or Registry()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -29,17 +30,23 @@ from hotrelay.core.relay import ApplyJob, BindingKey, Job, Relay, UndoJob
 from hotrelay.core.rules import DeviceView, RuleSet
 from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.coldplug import enumerate_devices
-from hotrelay.daemon.executor import Effector, Executor, JobResult, restore_applied
+from hotrelay.daemon.executor import (
+    Effector,
+    Executor,
+    JobResult,
+    key_from_record,
+    restore_applied,
+)
 from hotrelay.daemon.ledger import Ledger
 from hotrelay.daemon.metrics import DaemonMetrics
 from hotrelay.daemon.sdnotify import Notifier
-from hotrelay.daemon.source import EventSource, Overflow, SourceItem, SourceKind
+from hotrelay.daemon.source import UDEV_CONTROL, EventSource, Overflow, SourceItem, SourceKind
 from hotrelay.errors import HotrelayError
 from hotrelay.kernel import libc
-from hotrelay.runtimes import Adapter
-from hotrelay.sysfs import LazySysfsDevice
+from hotrelay.runtimes import Adapter, PidAdapter
+from hotrelay.sysfs import LazySysfsDevice, devnum_mismatch
 
-__all__ = ["Daemon", "DaemonOptions"]
+__all__ = ["Daemon", "DaemonOptions", "moved_netdevs"]
 
 log = logging.getLogger("hotrelay")
 
@@ -62,8 +69,36 @@ HealPass = Callable[
     [Ledger, Callable[[BindingKey], bool], Executor, Callable[[int], None]], Awaitable[int]
 ]
 
+# Distinct (device, number, reason) mismatches logged; further ones are only counted.
+MISMATCH_LOG_LIMIT = 1000
+
+# In the state dir: the start times of pid: targets pinned at first sight.
+PID_PINS_FILE = "pid-pins.json"
+
 SYSFS = Path("/sys")
 UEVENT_SEQNUM = SYSFS / "kernel" / "uevent_seqnum"
+
+
+def moved_netdevs(ledger: Ledger) -> dict[BindingKey, tuple[int, int | None]]:
+    """Complete bindings of the ledger that moved an interface into a container, with
+    that container's (pid, start time): the relay keeps them over a restart although
+    the host's enumeration cannot see the interface (it is in the container)."""
+    found: dict[BindingKey, tuple[int, int | None]] = {}
+    for entry in ledger.entries():
+        record = entry.record
+        if entry.kind != "binding" or record.get("complete") is not True:
+            continue
+        steps = record.get("steps", [])
+        if not any(s.get("kind") == "MoveNetdev" and s.get("state") == "done" for s in steps):
+            continue
+        try:
+            key = key_from_record(record["key"])
+            container = record["container"]
+            start = container.get("start_time")
+            found[key] = (int(container["pid"]), None if start is None else int(start))
+        except (KeyError, ValueError, TypeError, AttributeError):
+            continue  # restore_applied reports an unusable entry
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +110,8 @@ class DaemonOptions:
     heal_interval: float = 5.0
     revoke_on_exit: bool = False
     exit_timeout: float = 10.0
+    # udevd's control socket: whoever listens there is udevd (source.py, udevd.py).
+    udev_control: Path = UDEV_CONTROL
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +143,11 @@ class DaemonStats:
     last_reload_error: str | None = None
     overflows: int = 0
     heals: int = 0
+    # Events whose MAJOR:MINOR is not the device at their DEVPATH (sysfs.devnum_mismatch).
+    dropped_mismatch: int = 0
+    last_mismatch: str | None = None
+    # Symlinks left out of a binding (a template with no value): logged once each.
+    links_left_out: int = 0
 
 
 class Daemon:
@@ -139,6 +181,7 @@ class Daemon:
         self._send, self._receive = trio.open_memory_channel[_Input](INPUT_BUFFER)
         self._seqnum_floor = 0
         self._untrimmed = 0  # events since the last malloc_trim
+        self._mismatch_logged: set[tuple[str, tuple[int, int] | None, str]] = set()
         self.relay = Relay()
         self.source: EventSource | None = None
         self.ledger: Ledger | None = None
@@ -151,12 +194,18 @@ class Daemon:
         options = self.options
         rules = await trio.to_thread.run_sync(self._load_rules)
         with (
-            EventSource(options.source, rcvbuf=options.rcvbuf) as source,
+            EventSource(
+                options.source, rcvbuf=options.rcvbuf, udev_control=options.udev_control
+            ) as source,
             Ledger(options.state_dir / "ledger") as ledger,
         ):
             self.source, self.ledger = source, ledger
             self.relay = Relay(rules)
-            self.relay.restore(restore_applied(ledger))
+            self.relay.restore(restore_applied(ledger), moved_netdevs=moved_netdevs(ledger))
+            for adapter in self._runtimes:
+                if isinstance(adapter, PidAdapter):
+                    # pid: targets pinned at first sight stay pinned across restarts.
+                    adapter.keep_pins(options.state_dir / PID_PINS_FILE)
             executor = self.executor = Executor(ledger, self._effectors, self._send.send)
             async with trio.open_nursery() as nursery:
                 await nursery.start(executor.run)
@@ -306,6 +355,12 @@ class Daemon:
             if item.seqnum is not None and item.seqnum <= floor:
                 self.stats.duplicates += 1  # already part of the last enumeration
                 continue
+            if item.devnum is not None and item.action != "remove":
+                # Before anything can be granted: the number must be the device's.
+                problem = devnum_mismatch(item)
+                if problem is not None:
+                    self._mismatch(item, problem)
+                    continue
             self.relay.device_event(item, _view(item))
             if self.feed.subscribers:
                 self.feed.publish(
@@ -336,6 +391,21 @@ class Daemon:
             self._notifier.ready(f"relaying with {len(self.relay.rules)} rules")
         if request.done is not None:
             request.done.set()
+
+    def _mismatch(self, uevent: Uevent, problem: str) -> None:
+        """An event whose device number is not its device's: dropped, counted, logged
+        once per device and reason (a sender repeating it cannot flood the log)."""
+        stats = self.stats
+        stats.dropped_mismatch += 1
+        device = f"{uevent.subsystem} {uevent.major}:{uevent.minor}"
+        reason = f"{uevent.action} {uevent.devpath} ({device}): {problem}"
+        stats.last_mismatch = reason
+        key = (uevent.devpath, uevent.devnum, problem)
+        if key in self._mismatch_logged:
+            return
+        if len(self._mismatch_logged) < MISMATCH_LOG_LIMIT:
+            self._mismatch_logged.add(key)
+            log.warning("dropped a uevent whose device number is not its device's: %s", reason)
 
     def _count_heals(self, heals: int) -> None:
         """Heals done later by the tasks a heal pass queued."""
@@ -405,7 +475,9 @@ class Daemon:
             if self.source is not None and self.source.kind is SourceKind.UDEV
             else Wire.KERNEL
         )
-        floor, devices = await trio.to_thread.run_sync(_snapshot, wire)
+        floor, devices, mismatched = await trio.to_thread.run_sync(_snapshot, wire)
+        for uevent, problem in mismatched:
+            self._mismatch(uevent, problem)
         self._seqnum_floor = max(self._seqnum_floor, floor)
         self.relay.resync_devices(devices)
         log.info("resync (%s): %d devices present", reason, len(devices))
@@ -417,6 +489,14 @@ class Daemon:
         assert self.executor is not None
         for job in jobs:
             self.executor.submit(job)
+        for binding in self.relay.take_skipped():
+            for skip in binding.skipped:
+                log.warning("%s: %s", binding.key, skip.describe())
+            for left in binding.left_out:
+                self.stats.links_left_out += 1
+                log.warning(
+                    "%s: %s (the device goes in all the same)", binding.key, left.describe()
+                )
 
     def _sync_metrics(self) -> None:
         """Bring the exported counters up to the relay's and the source's own."""
@@ -434,6 +514,7 @@ class Daemon:
             ),
             "overflows": self.stats.overflows,
             "heals": self.stats.heals,
+            "mismatch": self.stats.dropped_mismatch,
         }
         for name, value in now.items():
             delta = value - self._synced.get(name, 0)
@@ -477,10 +558,20 @@ def _view(uevent: Uevent) -> DeviceView | None:
     return LazySysfsDevice(uevent.devpath)
 
 
-def _snapshot(wire: Wire) -> tuple[int, list[tuple[Uevent, DeviceView | None]]]:
-    """(kernel uevent seqnum before the walk, every device now present)."""
+def _snapshot(
+    wire: Wire,
+) -> tuple[int, list[tuple[Uevent, DeviceView | None]], list[tuple[Uevent, str]]]:
+    """(kernel uevent seqnum before the walk, every device now present, and the
+    devices left out because their number is not theirs in sysfs)."""
     floor = int(UEVENT_SEQNUM.read_text())
-    devices: list[tuple[Uevent, DeviceView | None]] = [
-        (uevent, _view(uevent)) for uevent in enumerate_devices(wire=wire)
-    ]
-    return floor, devices
+    devices: list[tuple[Uevent, DeviceView | None]] = []
+    mismatched: list[tuple[Uevent, str]] = []
+    for uevent in enumerate_devices(wire=wire):
+        # The walk reads sysfs itself, but with udevd running the properties come
+        # through its database too: the number is checked like a live event's.
+        problem = devnum_mismatch(uevent)
+        if problem is None:
+            devices.append((uevent, _view(uevent)))
+        elif os.path.isdir(f"/sys{uevent.devpath}"):  # else it just went away mid-walk
+            mismatched.append((uevent, problem))
+    return floor, devices, mismatched

@@ -4,8 +4,11 @@ hotrelay acts as root on what it hears, so who sent a message matters as much as
 it says:
 - on the kernel group (1) only the kernel, port id 0, is believed; any process may
   send to the group or unicast to our port, and those messages are dropped;
-- on the udev group (2) only a multicast from a sender whose SCM_CREDENTIALS say uid 0
-  in the host's user namespace is believed (what libudev itself checks). Root in a
+- on the udev group (2) only a multicast from udevd itself is believed: its
+  SCM_CREDENTIALS must say uid 0 in the host's user namespace (what libudev checks)
+  *and* carry the pid of udevd or of one of its workers (``hotrelay.daemon.udevd``).
+  uid 0 alone is not enough: any root process with CAP_NET_ADMIN in the host's netns
+  may send to the group, but only CAP_SYS_ADMIN may claim another pid. Root in a
   user-namespaced container shows up as its host uid (or 65534), so it is dropped.
 Every dropped message is counted by reason. When the socket's buffer overflowed the
 kernel reports ENOBUFS once; the source then sends an explicit ``Overflow`` so the
@@ -22,6 +25,7 @@ from pathlib import Path
 import trio
 
 from hotrelay.core.uevent import LIBUDEV_PREFIX, Uevent, UeventParseError, parse, parse_kernel
+from hotrelay.daemon.udevd import UdevdIdentity
 from hotrelay.kernel import netlink
 
 __all__ = [
@@ -107,9 +111,17 @@ class EventSource:
         self._sock = netlink.open_uevent_socket(group, rcvbuf=rcvbuf)
         self._receiver = netlink.Receiver(self._sock)
         self.rcvbuf = netlink.receive_buffer_size(self._sock)
+        # Learned after binding: a message udevd sends meanwhile is queued, and judged
+        # once udevd is known.
+        self.udevd = UdevdIdentity(udev_control) if self.kind is SourceKind.UDEV else None
+        # udev-group messages dropped only because udevd was not known: once it is, the
+        # relay resynchronises (a restarted udevd's first events may be among them).
+        self._missed_while_unknown = False
 
     def close(self) -> None:
         self._sock.close()
+        if self.udevd is not None:
+            self.udevd.close()
 
     def __enter__(self) -> EventSource:
         return self
@@ -125,12 +137,19 @@ class EventSource:
             if sender.portid == 0:
                 return None
             return f"kernel group: sender port id {sender.portid} is not the kernel"
-        if sender.groups & netlink.UDEV_GROUP and sender.uid == 0:
+        if not (sender.groups & netlink.UDEV_GROUP and sender.uid == 0):
+            return (
+                f"udev group: sender uid {sender.uid} (port id {sender.portid}, "
+                f"groups {sender.groups:#x}) is not host root multicasting"
+            )
+        assert self.udevd is not None
+        known = self.udevd.pid is not None
+        problem = self.udevd.untrusted_because(sender.pid)
+        if problem is None:
             return None
-        return (
-            f"udev group: sender uid {sender.uid} (port id {sender.portid}, "
-            f"groups {sender.groups:#x}) is not host root multicasting"
-        )
+        if not known and self.udevd.pid is None:
+            self._missed_while_unknown = True
+        return f"udev group: {problem}"
 
     def _vet(self, datagram: netlink.Datagram) -> Uevent | None:
         """The parsed event if the sender is trusted and the message well-formed."""
@@ -162,6 +181,10 @@ class EventSource:
         if self._group == netlink.KERNEL_GROUP:
             return self._receive_kernel()
         items: list[SourceItem] = []
+        udevd = self.udevd
+        assert udevd is not None
+        udevd.revalidate()
+        learned = udevd.learned
         while len(items) < MAX_BATCH:
             try:
                 datagram = self._receiver.receive()
@@ -174,6 +197,11 @@ class EventSource:
             uevent = self._vet(datagram)
             if uevent is not None:
                 items.append(uevent)
+        if udevd.learned != learned and self._missed_while_unknown:
+            # udevd became known after messages were dropped for want of it: what they
+            # said is lost, so the picture may be stale, exactly as after an overflow.
+            self._missed_while_unknown = False
+            items.insert(0, Overflow(self.kind))
         return items
 
     def _receive_kernel(self) -> list[SourceItem]:

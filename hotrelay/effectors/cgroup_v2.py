@@ -19,8 +19,9 @@ container. For each cgroup of the container's tree that has device programs:
 
 No program anywhere in the tree means the runtime lets the container use every
 device on v2: a grant then changes nothing (it never creates a block-all program).
-``reconcile`` notices programs swapped in or removed behind our back (``runc update``,
-``systemctl daemon-reload``), and programs that appeared later, and re-applies.
+``reconcile`` notices programs swapped in or removed behind our back (systemd's on
+``systemctl daemon-reload``; ``runc update`` leaves them alone), and programs that
+appeared later, and re-applies.
 """
 
 from __future__ import annotations

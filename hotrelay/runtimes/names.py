@@ -14,18 +14,27 @@ file of bounded size, opened with O_NONBLOCK so a FIFO cannot stall the daemon.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from hotrelay.core.accounts import Accounts, IdKind, to_host_id
 from hotrelay.core.containers import ContainerRef
-from hotrelay.errors import HotrelayError
-from hotrelay.kernel import mount
+from hotrelay.effectors.nshelper.errors import AccountReadError, HelperError
+from hotrelay.effectors.nshelper.rootfiles import (
+    ACCOUNT_FILES,
+    MAX_ACCOUNT_FILE,
+    AccountFileError,
+    open_in_root,
+    read_account_file,
+    read_file_in_root,
+)
 from hotrelay.runtimes.procfs import PidHandle
+
+if TYPE_CHECKING:
+    from hotrelay.effectors.nshelper.pool import NamespaceHelpers
 
 __all__ = [
     "MAX_ACCOUNT_FILE",
@@ -38,110 +47,8 @@ __all__ = [
     "resolve_owner_async",
 ]
 
-MAX_ACCOUNT_FILE = 4 * 1024 * 1024
-MAX_SYMLINKS = 40  # the kernel's own limit on symlinks followed in one lookup
-ACCOUNT_FILES = ("etc/passwd", "etc/group")
-
-
-class AccountFileError(HotrelayError):
-    """A container's /etc/passwd or /etc/group could not be read safely."""
-
-
-_openat2_missing = False
-
-
-def _walk_in_root(root_fd: int, path: str, flags: int) -> int:
-    """RESOLVE_IN_ROOT by hand: each component opened O_PATH|O_NOFOLLOW from a dirfd."""
-    todo = [c for c in path.split("/") if c]
-    stack = [os.dup(root_fd)]  # directories from the root down to the current one
-    links = 0
-    try:
-        while todo:
-            component = todo.pop(0)
-            if component == ".":
-                continue
-            if component == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            current = stack[-1]
-            fd = os.open(component, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISLNK(mode):
-                os.close(fd)
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                target = os.readlink(component, dir_fd=current)
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                todo = [c for c in target.split("/") if c] + todo
-                continue
-            if not todo:
-                os.close(fd)
-                # O_NOFOLLOW: if it was swapped for a symlink since, this fails (ELOOP).
-                return os.open(component, flags | os.O_NOFOLLOW, dir_fd=current)
-            if not stat.S_ISDIR(mode):
-                os.close(fd)
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-            stack.append(fd)
-        return os.open(".", flags, dir_fd=stack[-1])
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
-def open_in_root(root_fd: int, path: str, flags: int = os.O_RDONLY, *, walk: bool = False) -> int:
-    """Open ``path`` resolved inside the directory ``root_fd`` as if it were ``/``.
-
-    ``walk`` forces the portable walk (openat2 is used when the kernel has it).
-    """
-    global _openat2_missing
-    # openat2 rejects flags O_PATH does not take (EINVAL), O_NOCTTY among them.
-    flags |= os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY
-    if not walk and not _openat2_missing:
-        try:
-            return mount.openat2(
-                root_fd, path, flags, resolve=mount.RESOLVE_IN_ROOT | mount.RESOLVE_NO_MAGICLINKS
-            )
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                raise
-            _openat2_missing = True
-    return _walk_in_root(root_fd, path, flags)
-
-
-def read_file_in_root(
-    root_fd: int, path: str, *, limit: int = MAX_ACCOUNT_FILE, walk: bool = False
-) -> bytes:
-    """A regular file's content, read inside the root, at most ``limit`` bytes."""
-    try:
-        fd = open_in_root(root_fd, path, os.O_RDONLY | os.O_NONBLOCK, walk=walk)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ELOOP:
-            # RESOLVE_NO_MAGICLINKS refuses /proc/PID/root-style links with ELOOP too.
-            reason = "a symlink loop or a magic link (/proc/...), refused"
-        elif exc.errno == errno.EXDEV:
-            reason = "the path escapes the container root, refused"
-        raise AccountFileError(f"/{path}: {reason}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AccountFileError(f"/{path}: not a regular file")
-        if st.st_size > limit:
-            raise AccountFileError(f"/{path}: {st.st_size} bytes is over the {limit} byte limit")
-        chunks = []
-        size = 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise AccountFileError(f"/{path}: more than {limit} bytes")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+# Kept under its old name for the tests that call it.
+_read_account_file = read_account_file
 
 
 def read_accounts(
@@ -157,43 +64,10 @@ def read_accounts(
         try:
             # Still alive after the open: the root is that process's root.
             handle.check_alive()
-            texts = [_read_account_file(root_fd, path, walk) for path in ACCOUNT_FILES]
+            texts = [read_account_file(root_fd, path, walk) for path in ACCOUNT_FILES]
         finally:
             os.close(root_fd)
     return Accounts.parse(texts[0], texts[1], where=f"the container of pid {pid}")
-
-
-def _read_account_file(root_fd: int, path: str, walk: bool) -> str:
-    """The file's text; "" if it does not exist (but not if it is a dangling symlink)."""
-    try:
-        data = read_file_in_root(root_fd, path, walk=walk)
-    except AccountFileError as exc:
-        if not isinstance(exc.__cause__, FileNotFoundError):
-            raise
-        target = _symlink_target(root_fd, path, walk)
-        if target is None:
-            return ""
-        raise AccountFileError(
-            f"/{path} is a symlink to {target!r}, which does not exist inside the container "
-            "(it is resolved in the container's root, never on the host)"
-        ) from None
-    return data.decode("utf-8", errors="replace")
-
-
-def _symlink_target(root_fd: int, path: str, walk: bool) -> str | None:
-    parent, _, name = path.rpartition("/")
-    try:
-        parent_fd = open_in_root(root_fd, parent or ".", os.O_PATH | os.O_DIRECTORY, walk=walk)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISLNK(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
-            return None
-        return os.readlink(name, dir_fd=parent_fd)
-    except OSError:
-        return None
-    finally:
-        os.close(parent_fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +113,96 @@ def _names_in(user: str | int, group: str | int) -> bool:
     return any(isinstance(v, str) and not v.isdigit() for v in (user, group))
 
 
+# Reading a container's account files may block in ways no flag prevents: a regular
+# file on a FUSE mount whose server never answers parks the reader in the kernel,
+# unkillably. The daemon therefore has the container's namespace helper read them:
+# a read that misses the helper's deadline costs that helper (killed; a stuck one
+# blocks further reads for that container only), never a thread of the daemon.
+# Without helpers (tests, tools), the read runs in a worker thread with a deadline.
+ACCOUNT_READ_DEADLINE = 5.0
+# container -> trio time its thread read started (entries leave when the thread ends)
+_reads_in_flight: dict[tuple[object, ...], float] = {}
+
+
 async def resolve_owner_async(
-    container: ContainerRef, *, user: str | int = 0, group: str | int = 0
+    container: ContainerRef,
+    *,
+    user: str | int = 0,
+    group: str | int = 0,
+    deadline: float = ACCOUNT_READ_DEADLINE,
+    helpers: NamespaceHelpers | None = None,
 ) -> Owner:
     if not _names_in(user, group):
         # Numbers only (the default): no file to read, so no thread hop, which would
         # cost a good part of a millisecond on the hotplug path.
         await trio.lowlevel.checkpoint()
         return resolve_owner(container, user=user, group=group)
-    return await trio.to_thread.run_sync(lambda: resolve_owner(container, user=user, group=group))
+    if helpers is not None:
+        return await _resolve_through_helper(container, user, group, helpers)
+    return await _resolve_in_thread(container, user, group, deadline)
+
+
+async def _resolve_through_helper(
+    container: ContainerRef, user: str | int, group: str | int, helpers: NamespaceHelpers
+) -> Owner:
+    try:
+        helper = await helpers.get(container)
+        passwd, groups = await helper.read_accounts()
+    except AccountReadError as exc:
+        raise AccountFileError(str(exc)) from None
+    except HelperError as exc:
+        if "did not finish within" in str(exc):
+            raise AccountFileError(
+                f"{container.target}: reading its /etc/passwd and /etc/group took longer "
+                f"than {helpers.request_timeout:g} s (a file that never answers, such as one "
+                "on a hung FUSE mount); its helper was killed"
+            ) from None
+        raise AccountFileError(str(exc)) from None
+    accounts = Accounts.parse(passwd, groups, where=container.target)
+    uid = accounts.uid(user)
+    gid = accounts.gid(group)
+    return Owner(
+        uid=uid,
+        gid=gid,
+        host_uid=to_host_id(container.uid_map, uid, IdKind.USER),
+        host_gid=to_host_id(container.gid_map, gid, IdKind.GROUP),
+    )
+
+
+async def _resolve_in_thread(
+    container: ContainerRef, user: str | int, group: str | int, deadline: float
+) -> Owner:
+    key = (container.runtime, container.name, container.id)
+    # Another binding of the same container is reading: wait while that read is within
+    # its deadline; past it, the read is stuck, and no second thread joins it. (Polled:
+    # an abandoned worker thread has no way to wake us.)
+    while (began := _reads_in_flight.get(key)) is not None:
+        if trio.current_time() > began + deadline:
+            raise AccountFileError(
+                f"{container.target}: an earlier read of its /etc/passwd or /etc/group is "
+                "still stuck (a file that never answers, such as one on a hung FUSE mount); "
+                "not starting another"
+            )
+        await trio.sleep(0.005)
+    _reads_in_flight[key] = trio.current_time()
+    started = False
+
+    def read() -> Owner:
+        nonlocal started
+        started = True
+        try:
+            return resolve_owner(container, user=user, group=group)
+        finally:
+            _reads_in_flight.pop(key, None)
+
+    try:
+        with trio.move_on_after(deadline):
+            return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+    finally:
+        if not started:
+            _reads_in_flight.pop(key, None)  # cancelled before a worker thread took it
+    raise AccountFileError(
+        f"{container.target}: reading its /etc/passwd and /etc/group took longer than "
+        f"{deadline:g} s (a file that never answers, such as one on a hung FUSE mount); "
+        "gave up"
+    )

@@ -7,11 +7,19 @@ container's init pid on the host; ``CLASS=container`` tells a container from a V
 machined writes the file with a temporary name and renames it into place, so a reader
 never sees half a file. No D-Bus needed: the files are the state machined restores
 itself from. Starts are noticed by polling the directory (names and mtimes).
+
+Only machined (root) may say which process is a machine's leader: a file is believed
+only if it is a regular root-owned file that no one else can write, in a root-owned
+directory no one else can write. Anything else (a file another user planted or can
+edit, a directory anyone can write into) is ignored with a warning, since whoever can
+name a LEADER would otherwise be handed the devices of the machine it names.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
@@ -94,6 +102,7 @@ class NspawnAdapter(Adapter):
     ) -> None:
         super().__init__(poll_interval=poll_interval, resync_interval=resync_interval)
         self.machines_dir = Path(machines_dir)
+        self._distrusted: set[tuple[str, str]] = set()  # warned about once each
 
     def describe(self) -> str:
         return f"machines in {self.machines_dir}"
@@ -101,20 +110,51 @@ class NspawnAdapter(Adapter):
     def _machine_files(self) -> list[Path]:
         try:
             entries = sorted(os.scandir(self.machines_dir), key=lambda e: e.name)
+            info = os.stat(self.machines_dir)
         except FileNotFoundError:
             raise RuntimeUnavailable(f"{self.machines_dir} does not exist (no machined)") from None
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            self._distrust(
+                self.machines_dir,
+                f"owned by uid {info.st_uid} with mode {info.st_mode & 0o777:o}: others "
+                "could register machines there",
+            )
+            return []
         return [
             Path(e.path)
             for e in entries
             if not e.name.startswith((".", "unit:")) and e.is_file(follow_symlinks=False)
         ]
 
+    def _distrust(self, path: Path, why: str) -> None:
+        key = (str(path), why)
+        if key not in self._distrusted:
+            if len(self._distrusted) > 1000:
+                self._distrusted.clear()
+            self._distrusted.add(key)
+            log.warning("nspawn: %s is not machined's (%s); ignored", path, why)
+
     def _read_machine(self, path: Path) -> Mapping[str, str] | None:
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_MACHINE_FILE + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None  # a symlink (machined's are unit:* ones): not a machine
+            raise
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            if info.st_uid != 0 or info.st_mode & 0o022:
+                self._distrust(
+                    path,
+                    f"owned by uid {info.st_uid} with mode {info.st_mode & 0o777:o}; only "
+                    "a root-owned file no one else can write names a machine",
+                )
+                return None
+            raw = f.read(MAX_MACHINE_FILE + 1)
         if len(raw) > MAX_MACHINE_FILE:
             log.warning("nspawn: %s is too large, ignored", path)
             return None

@@ -1,8 +1,12 @@
 """Raw targets: ``pid:PID`` and ``cgroup:PATH``, for containers no runtime adapter knows.
 
-``pid:PID`` is the container whose init is that process. Its start time is recorded
-the first time the pid resolves, so a later process that reuses the number is never
-taken for the container: once that process exits, the target stays gone.
+``pid:PID`` is the container whose init is that process. Its start time (field 22 of
+/proc/PID/stat) is recorded the first time the pid resolves, the *pin*, so a later
+process that reuses the number is never taken for the container: once that process
+exits, the target stays gone. Pins are kept in a file of the state directory
+(:meth:`PidAdapter.keep_pins`), so a restart of the daemon keeps them; they are
+void after a reboot (the file carries the boot id). ``pid:PID@STARTTIME`` is pinned
+from the start: it names only the process that started then.
 
 ``cgroup:PATH`` is the container living in that cgroup (a glob matches several): PATH
 is relative to a hierarchy root, as /proc/PID/cgroup shows it (``/lxc.payload.c1``),
@@ -17,6 +21,8 @@ Neither runtime lists anything by itself: they report the targets they follow
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 from collections.abc import Hashable, Iterable
 from pathlib import Path
@@ -24,45 +30,118 @@ from pathlib import Path
 import trio
 
 from hotrelay.core.containers import ContainerRef, Runtime
+from hotrelay.core.rules.model import TargetError, parse_pid_target
 from hotrelay.runtimes.base import Adapter
 from hotrelay.runtimes.errors import ContainerGone
-from hotrelay.runtimes.procfs import ProcessInfo, read_process, snapshot
+from hotrelay.runtimes.procfs import ProcessInfo, parse_stat_start_time, read_process, snapshot
 
 __all__ = ["CGROUP_ROOT", "CgroupAdapter", "PidAdapter", "cgroup_init"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+log = logging.getLogger("hotrelay.runtimes")
 
 
 class PidAdapter(Adapter):
-    """``pid:PID`` targets."""
+    """``pid:PID`` and ``pid:PID@STARTTIME`` targets."""
 
     runtime = Runtime.PID
 
     def __init__(self, pids: Iterable[int | str] = (), *, resync_interval: float = 30.0) -> None:
         super().__init__(poll_interval=resync_interval, resync_interval=resync_interval)
-        self._followed: dict[int, int | None] = {}
+        # pid -> the start times rules name for it (empty: only unpinned targets).
+        self._followed: dict[int, set[int]] = {}
+        # pid -> start time seen first, for unpinned targets.
+        self._pins: dict[int, int] = {}
+        self._pins_path: Path | None = None
+        self._refused: set[tuple[int, int]] = set()
         for pid in pids:
             self.follow(pid)
 
     def describe(self) -> str:
         return f"{len(self._followed)} pid target(s)"
 
+    def keep_pins(self, path: Path) -> None:
+        """Persist first-sight pins in ``path`` (and take those of this boot from it)."""
+        self._pins_path = path
+        try:
+            data = json.loads(path.read_text())
+            if data.get("boot_id") == _boot_id():
+                stored = {int(k): int(v) for k, v in data.get("pins", {}).items()}
+                self._pins = {**stored, **self._pins}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.error("pid: pins in %s unreadable, ignored: %s", path, exc)
+
+    def pinned(self, pid: int) -> int | None:
+        """The start time pid is pinned to at first sight, if it is."""
+        return self._pins.get(pid)
+
     def follow(self, pid: int | str) -> None:
-        number = _pid(pid)
-        self._followed.setdefault(number, None)
+        number, start = _pid(pid)
+        starts = self._followed.setdefault(number, set())
+        if start is not None:
+            starts.add(start)
 
     def unfollow(self, pid: int | str) -> None:
-        self._followed.pop(_pid(pid), None)
+        self._followed.pop(_pid(pid)[0], None)
 
-    def _snapshot(self, pid: int) -> ContainerRef | None:
-        expected = self._followed.get(pid)
+    def _snapshot(self, pid: int, start: int | None = None) -> ContainerRef | None:
         try:
-            ref = snapshot(self.runtime, str(pid), pid, expected_start_time=expected)
+            actual = parse_stat_start_time(Path(f"/proc/{pid}/stat").read_text())
+        except (OSError, ValueError):
+            return None
+        accepted = set(self._followed.get(pid, ()))
+        if start is not None:
+            accepted.add(start)
+        pin = self._pins.get(pid)
+        if pin is not None:
+            accepted.add(pin)
+        if accepted and actual not in accepted:
+            self._refuse(pid, actual, accepted)
+            return None
+        try:
+            ref = snapshot(self.runtime, str(pid), pid, expected_start_time=actual)
         except ContainerGone:
             return None
-        if pid in self._followed and expected is None:
-            self._followed[pid] = ref.start_time
+        if pin is None and pid in self._followed and not self._followed[pid]:
+            self._pin(pid, actual)
         return ref
+
+    def _refuse(self, pid: int, actual: int, accepted: set[int]) -> None:
+        if (pid, actual) in self._refused:
+            return
+        self._refused.add((pid, actual))
+        wanted = ", ".join(f"pid:{pid}@{s}" for s in sorted(accepted))
+        log.warning(
+            "pid:%d: refusing process %d started at %d: the target is %s (the pid was "
+            "reused by another process)",
+            pid,
+            pid,
+            actual,
+            wanted,
+        )
+
+    def _pin(self, pid: int, start: int) -> None:
+        self._pins[pid] = start
+        log.info("pid:%d: pinned to the process started at %d (pid:%d@%d)", pid, start, pid, start)
+        if self._pins_path is None:
+            return
+        body = json.dumps(
+            {"boot_id": _boot_id(), "pins": {str(k): v for k, v in self._pins.items()}}
+        )
+        tmp = self._pins_path.with_name(f".{self._pins_path.name}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self._pins_path)
+        except OSError as exc:
+            log.error("pid:%d: cannot persist its pin in %s: %s", pid, self._pins_path, exc)
 
     async def _list_running(self) -> list[ContainerRef]:
         await trio.lowlevel.checkpoint()
@@ -70,16 +149,30 @@ class PidAdapter(Adapter):
 
     async def _lookup(self, name: str) -> ContainerRef | None:
         await trio.lowlevel.checkpoint()
-        if not name.isdigit() or int(name) <= 0:
+        try:
+            pid, start = parse_pid_target(name)
+        except TargetError:
             return None
-        return self._snapshot(int(name))
+        return self._snapshot(pid, start)
 
 
-def _pid(value: int | str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"pid {value!r} is not a positive number")
-    return number
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid(value: int | str) -> tuple[int, int | None]:
+    """(pid, start time) of ``PID`` or ``PID@STARTTIME``."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"pid {value!r} is not a positive number")
+        return value, None
+    try:
+        return parse_pid_target(value)
+    except TargetError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _read_procs(directory: Path) -> list[int]:

@@ -50,6 +50,7 @@ class RunningDaemon:
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
         echo_log: bool = True,
+        command_prefix: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="hotrelay-e2e-"))
         self.workdir.chmod(0o755)
@@ -62,6 +63,8 @@ class RunningDaemon:
         self.rules_dir.chmod(0o755)
         self.config_path.write_text(config)
         self.extra_args = extra_args
+        # Runs the daemon under a wrapper (setpriv with the unit's capabilities).
+        self.command_prefix = command_prefix
         self.echo_log = echo_log
         self.write_rules(rules)
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,6 +81,7 @@ class RunningDaemon:
     ) -> RunningDaemon:
         """Start ``hotrelay run``; with ``wait``, return once its control socket answers."""
         argv = [
+            *self.command_prefix,
             sys.executable,
             "-m",
             "hotrelay",

@@ -115,9 +115,10 @@ def test_hotplug_reaches_privileged_and_userns_containers(sandboxes: list[Sandbo
                     assert event.devname == f"disks/{zram.name}"  # the container's path
                     assert heard.port == 0  # rebroadcast by the kernel: udevd would trust it
                 grants = daemon.grants()
+                # pid: targets are listed with their start time: the one process they name.
                 assert {g["container"] for g in grants if g["device"] == str(zram.devnode)} == {
-                    f"pid:{privileged.pid}",
-                    f"pid:{userns.pid}",
+                    f"pid:{privileged.pid}@{privileged.ref().start_time}",
+                    f"pid:{userns.pid}@{userns.ref().start_time}",
                 }
             for sandbox in (privileged, userns):
                 eventually(partial(gone, sandbox, node(zram)), timeout=1.0)

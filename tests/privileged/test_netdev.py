@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from hotrelay.effectors import netdev
-from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
+from hotrelay.effectors.netdev import LinkIdentity, MovedNetdev, NetdevMover
 from hotrelay.effectors.nshelper import InjectionError, NamespaceHelpers
 from hotrelay.testing.fixtures import SandboxFactory
 from hotrelay.testing.hotplug import VethPair
@@ -68,7 +68,21 @@ async def test_veth_end_moves_in_renamed_and_comes_back(
     with UeventListener.start(box, group=1) as inside_events:
         record = await mover.move_in(ref, veth.peer_name, "wan0")
 
-        assert record == MovedNetdev(ref.target, veth.peer_name, "wan0", record.inside_index)
+        assert record == MovedNetdev(
+            ref.target,
+            veth.peer_name,
+            "wan0",
+            record.inside_index,
+            LinkIdentity(
+                "veth",
+                record.identity.address if record.identity else None,
+                permanent=False,
+                parent=None,
+                link=veth.index,
+                link_on_host=True,
+            ),
+            veth.peer_index,
+        )
         inside = await blocking(links_inside, box)
         assert set(inside) == {"lo", "wan0"}
         assert inside["wan0"]["ifindex"] == record.inside_index
@@ -86,11 +100,13 @@ async def test_veth_end_moves_in_renamed_and_comes_back(
         )
 
     assert MovedNetdev.from_json(json.loads(json.dumps(record.to_json()))) == record
-    assert await mover.move_out(ref, record) is True
+    assert (await mover.move_out(ref, record)).moved
 
     assert on_host(veth.peer_name)
     assert set(await blocking(links_inside, box)) == {"lo"}
-    assert await mover.move_out(ref, record) is False  # nothing left to undo
+    gone = await mover.move_out(ref, record)  # nothing left to undo
+    assert not gone.moved
+    assert not gone.refused
 
 
 async def test_name_taken_inside_fails_and_leaves_it_on_the_host(

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from fake_udevd import FakeUdevd
 
 from hotrelay.core.uevent import Uevent, Wire, serialize
 from hotrelay.daemon.coldplug import enumerate_devices
@@ -137,24 +138,36 @@ def source_portid(source: EventSource) -> int:
     return int(portid)
 
 
-async def test_udev_group_trusts_only_host_root() -> None:
+async def test_udev_group_trusts_only_udevd() -> None:
     genuine = SPOOF.replace(DEVPATH="/devices/virtual/block/hotrelay-udev", TAGS=":hotrelay:")
-    with EventSource(SourceKind.UDEV) as source, spoof_socket() as sender:
+    by_worker = genuine.replace(DEVPATH="/devices/virtual/block/hotrelay-udev-worker")
+    with (
+        FakeUdevd() as udevd,
+        EventSource(SourceKind.UDEV, udev_control=udevd.control) as source,
+        spoof_socket() as sender,
+    ):
+        assert source.udevd is not None
+        assert source.udevd.pid == udevd.pid
         async with running(source) as items:
             target = (0, netlink.UDEV_GROUP)
             data = serialize(genuine, Wire.UDEV)
             # uid 1000 claimed through SCM_CREDENTIALS (root may claim any uid): dropped.
             nonroot = [netlink.send_credentials(os.getpid(), 1000, 1000)]
             sender.sendmsg([data], nonroot, 0, target)
-            # Root, but in the kernel's format: not what udevd sends, dropped.
-            sender.sendmsg([serialize(genuine, Wire.KERNEL)], [], 0, target)
-            # Root, libudev format: accepted.
+            # Host root, libudev format, multicast, but not udevd: dropped.
             sender.sendmsg([data], [], 0, target)
+            # udevd, but in the kernel's format: not what udevd sends, dropped.
+            udevd.send(serialize(genuine, Wire.KERNEL))
+            # udevd's manager and its worker, libudev format: accepted.
+            assert udevd.send(data) == udevd.pid
+            assert udevd.send(serialize(by_worker, Wire.UDEV), worker=True) == udevd.worker_pid
             event = await items.wait_for(lambda e: e.devpath == genuine.devpath)
+            from_worker = await items.wait_for(lambda e: e.devpath == by_worker.devpath)
     assert event.wire is Wire.UDEV
     assert event == genuine.replace(wire=Wire.UDEV)
-    assert source.stats.accepted == 1
-    assert source.stats.dropped_untrusted == 1
+    assert from_worker == by_worker.replace(wire=Wire.UDEV)
+    assert source.stats.accepted == 2
+    assert source.stats.dropped_untrusted == 2
     assert source.stats.dropped_malformed == 1
 
 

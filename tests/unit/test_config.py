@@ -211,14 +211,14 @@ P = PATH
             'rule_dir = "/x"',
             f'{P}:1: unknown key "rule_dir" (did you mean "rules_dir"?); expected one of '
             "heal_interval, log_format, log_level, metrics, rcvbuf, revoke_on_exit, rules_dir, "
-            "runtimes, socket, socket_group, source, state_dir",
+            "runtimes, socket, socket_group, source, state_dir, udev_control",
         ),
         (
             "\n[[rule]]\nname = 1",
             f'{P}:2: unknown key "rule" (rules go in files under rules_dir, not in the '
             "daemon's config); expected one of "
             "heal_interval, log_format, log_level, metrics, rcvbuf, revoke_on_exit, rules_dir, "
-            "runtimes, socket, socket_group, source, state_dir",
+            "runtimes, socket, socket_group, source, state_dir, udev_control",
         ),
         (
             "[runtimes]\nenable = []",

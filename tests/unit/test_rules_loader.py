@@ -177,7 +177,8 @@ def errors(text: str, path: str = "f.toml") -> list[str]:
         (BASE.replace("lxc:c", "docker:"),
          R.format(3) + 'target: "docker:": empty name after "docker:"'),
         (BASE.replace("lxc:c", "pid:self"),
-         R.format(3) + 'target: "pid:self": pid "self" is not a positive decimal number'),
+         R.format(3) + 'target: "pid:self": pid "self" is not a positive decimal number '
+         '(expected PID or PID@STARTTIME)'),
         (BASE.replace("lxc:c", "cgroup:machine.slice"),
          R.format(3) + 'target: "cgroup:machine.slice": cgroup "machine.slice" is not an absolute '
          "cgroup path such as /machine.slice/machine-web.scope"),

@@ -14,6 +14,7 @@ from hotrelay.core.plan import (
     MakeNode,
     MoveNetdev,
     SkipRule,
+    SkipSymlink,
     _relative_link,
     action_to_dict,
     plan_for,
@@ -187,7 +188,7 @@ def test_events_without_a_node_plan_nothing() -> None:
 @pytest.mark.parametrize(
     ("device", "event", "reason"),
     [
-        ('symlinks = ["by-id/{ID_MODEL}"]', TTY,
+        ('path = "by-id/{ID_MODEL}"', TTY,
          '"by-id/{ID_MODEL}": the event for /devices/pci0000:00/0000:00:14.0/usb1/1-3/1-3:1.0/'
          "ttyUSB0/tty/ttyUSB0 has no property ID_MODEL"),
         ('path = "{EVIL}"', TTY.replace(EVIL="../etc/shadow"),
@@ -207,6 +208,25 @@ def test_a_rule_that_cannot_apply_is_skipped_with_the_reason(
     for action in (event, event.replace(ACTION="remove")):
         assert plan_for(action, [rule]) == [SkipRule("r", reason)]
     assert described(event, [rule]) == [f"skip rule r for every target: {reason}"]
+
+
+def test_a_link_without_a_value_is_left_out_and_the_device_still_goes_in() -> None:
+    (rule,) = rules(
+        '[[rule]]\nname = "r"\ntarget = "lxc:a"\nmatch.kernel = "*"\n'
+        'device.symlinks = ["by-id/{ID_MODEL}", "by-serial/{ID_SERIAL}"]\n'
+    )
+    plan = plan_for(TTY, [rule])
+    assert [type(a).__name__ for a in plan] == [
+        "GrantDevice", "MakeNode", "MakeSymlink", "SkipSymlink", "InjectUevent",
+    ]  # fmt: skip
+    left = plan[3]
+    assert isinstance(left, SkipSymlink)
+    assert left.link == "by-id/{ID_MODEL}"
+    assert left.reason.endswith("has no property ID_MODEL")
+    assert left.describe().startswith('skip symlink in lxc:a: "by-id/{ID_MODEL}": the event')
+    removal = [a.describe() for a in plan_for(TTY.replace(ACTION="remove"), [rule])]
+    assert not any("skip" in line for line in removal)
+    assert any("/dev/by-serial/Silicon_Labs_CP2102_0001" in line for line in removal)
 
 
 def test_an_expanded_interface_name_is_checked() -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "Target",
     "TargetError",
     "UeventMode",
+    "parse_pid_target",
 ]
 
 
@@ -43,12 +44,38 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def parse_pid_target(pattern: str) -> tuple[int, int | None]:
+    """``PID`` or ``PID@STARTTIME`` (a ``pid:`` target's pattern) -> (pid, start time).
+
+    STARTTIME is field 22 of /proc/PID/stat (clock ticks since boot): with it the
+    target names one process, never whoever holds the number later.
+    """
+    pid, sep, start = pattern.partition("@")
+    if not _decimal(pid) or int(pid) <= 0:
+        raise TargetError(
+            f"pid {_quote(pid)} is not a positive decimal number (expected PID or PID@STARTTIME)"
+        )
+    if not sep:
+        return int(pid), None
+    if not _decimal(start):
+        raise TargetError(
+            f"start time {_quote(start)} is not a decimal number (field 22 of /proc/{pid}/stat)"
+        )
+    return int(pid), int(start)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """``RUNTIME:PATTERN``: the containers of one runtime whose name matches a glob.
 
-    ``pid:PID`` names one process's container by its pid (no glob); ``cgroup:PATH``
-    names the container whose cgroup2 path (from the hierarchy root) matches a glob.
+    ``pid:PID`` names one process's container by its pid (no glob), and
+    ``pid:PID@STARTTIME`` only while that pid is the process started then;
+    ``cgroup:PATH`` names the container whose cgroup2 path (from the hierarchy root)
+    matches a glob.
     """
 
     runtime: Runtime
@@ -70,8 +97,7 @@ class Target:
         if not pattern:
             raise TargetError(f"empty name after {_quote(runtime_name + ':')}")
         if runtime is Runtime.PID:
-            if not pattern.isascii() or not pattern.isdigit() or int(pattern) <= 0:
-                raise TargetError(f"pid {_quote(pattern)} is not a positive decimal number")
+            parse_pid_target(pattern)
         elif runtime is Runtime.CGROUP:
             if not _CGROUP_PATTERN.match(pattern):
                 raise TargetError(
@@ -101,7 +127,8 @@ class Target:
         if container.runtime is not self.runtime:
             return False
         if self.runtime is Runtime.PID:
-            return container.pid == int(self.pattern)
+            pid, start = parse_pid_target(self.pattern)
+            return container.pid == pid and start in (None, container.start_time)
         if self.runtime is Runtime.CGROUP:
             return self.glob.matches(container.unified_cgroup or container.devices_cgroup)
         return self.glob.matches(container.name) or (

@@ -10,6 +10,16 @@ Every path a rule produces must stay inside the container's /dev: an absolute pa
 outside /dev or a ``..`` component is refused at load time when the literal text
 shows it, and every expanded path is checked again, because a property value can
 carry ``/`` or ``..`` too.
+
+A value expanded into a /dev path is made safe the way udev makes ``$env{...}`` safe
+in ``SYMLINK``: a property comes from the device (a USB product string is whatever
+the device says), and the links end up space-separated in the DEVLINKS of the uevent
+replayed inside, so "Kbd /dev/zigbee" would tell libudev in the container that
+/dev/zigbee is this keyboard. Runs of whitespace become one ``_`` (udev's
+``util_replace_whitespace``), and every character other than ASCII letters and
+digits, ``#+-.:=@_``, ``/``, ``\\x`` escapes and printable non-ASCII becomes ``_``
+(``util_replace_chars`` with ``/`` allowed). ``/`` stays, as in udev, so a value may
+make directories, but no path may go more than ``MAX_DEV_DEPTH`` levels below /dev.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from hotrelay.core.uevent import Uevent
 __all__ = [
     "BUILTINS",
     "IFNAMSIZ",
+    "MAX_DEV_DEPTH",
     "Template",
     "TemplateError",
     "check_dev_template",
     "check_ifname",
     "confine_to_dev",
+    "sanitize_path_value",
 ]
 
 # Bytes in an interface name, without the NUL (IFNAMSIZ - 1 in the kernel).
@@ -38,6 +50,26 @@ _BUILTIN = re.compile(r"[a-z_]+\Z")
 _TRAILING_DIGITS = re.compile(r"[0-9]+\Z")
 _HOLE = "\0"  # stands for an expansion when checking a template's literal text
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Components of a path below /dev: /dev/serial/by-id/NAME is 3, /dev/bus/usb/001/004 is 4.
+MAX_DEV_DEPTH = 8
+_WHITESPACE_RUN = re.compile(r"\s+")
+# What udev keeps: ASCII letters and digits, "#+-.:=@_", here "/" too, and "\x" escapes.
+_UNSAFE_ASCII = re.compile(r"\\x|[^0-9A-Za-z#+\-.:=@_/]")
+
+
+def _replace_unsafe(found: re.Match[str]) -> str:
+    char = found.group()
+    if char == "\\x" or (char > "\x7f" and char.isprintable()):
+        return char  # a hex escape, or printable non-ASCII (udev keeps valid UTF-8)
+    return "_"
+
+
+def sanitize_path_value(value: str) -> str:
+    """A template value made safe for a /dev path, as udev makes ``$env{}`` safe for
+    ``SYMLINK``: no whitespace (runs become one ``_``, none at either end), no control
+    or shell characters (``_`` each). ``/`` is kept; the depth is checked on the path."""
+    value = _WHITESPACE_RUN.sub("_", value.strip())
+    return _UNSAFE_ASCII.sub(_replace_unsafe, value)
 
 
 class TemplateError(ValueError):
@@ -138,6 +170,14 @@ class Template:
         return "".join(_HOLE if is_name else value for is_name, value in self.parts)
 
     def expand(self, event: Uevent) -> str:
+        """The text with every name replaced by the event's value, as it is."""
+        return self._expand(event, None)
+
+    def expand_path(self, event: Uevent) -> str:
+        """For a /dev path: each value made safe first (``sanitize_path_value``)."""
+        return self._expand(event, sanitize_path_value)
+
+    def _expand(self, event: Uevent, clean: Callable[[str], str] | None) -> str:
         out: list[str] = []
         for is_name, value in self.parts:
             if not is_name:
@@ -150,15 +190,18 @@ class Template:
                 raise TemplateError(
                     f"{_quote(self.text)}: the event for {event.devpath} has no {what} {value}"
                 )
-            out.append(expanded)
+            out.append(expanded if clean is None else clean(expanded))
         return "".join(out)
 
 
 def check_dev_template(template: Template) -> str | None:
     """What is unsafe in a /dev path template's literal text, or None if nothing shows."""
     skeleton = template.skeleton()
-    if _CONTROL.search(skeleton.replace(_HOLE, "")):
+    literal = skeleton.replace(_HOLE, "")
+    if _CONTROL.search(literal):
         return "must not contain control characters"
+    if any(char.isspace() for char in literal):
+        return "must not contain whitespace (DEVLINKS separates links with spaces)"
     if skeleton.startswith("/") and not skeleton.startswith("/dev/"):
         return "must be under /dev (start it with /dev/, or make it relative to /dev)"
     for component in skeleton.split("/"):
@@ -166,17 +209,23 @@ def check_dev_template(template: Template) -> str | None:
             return f"must not contain a {component!r} component"
     if skeleton in ("/dev/", ""):
         return "names no file under /dev"
+    depth = len([c for c in skeleton.removeprefix("/dev/").split("/") if c.replace(_HOLE, "")])
+    if depth > MAX_DEV_DEPTH:
+        return f"is {depth} levels below /dev; at most {MAX_DEV_DEPTH} are allowed"
     return None
 
 
 def confine_to_dev(path: str) -> str:
-    """An expanded path made absolute under /dev, or TemplateError if it would leave /dev.
+    """An expanded path made absolute under /dev, or TemplateError if it would leave /dev,
+    hold whitespace (it would split DEVLINKS) or go deeper than ``MAX_DEV_DEPTH``.
 
     Relative paths are relative to /dev; repeated slashes collapse.
     """
     shown = _quote(path)
     if _CONTROL.search(path):
         raise TemplateError(f"{shown} contains control characters")
+    if any(char.isspace() for char in path):
+        raise TemplateError(f"{shown} contains whitespace")
     relative = path
     if path.startswith("/"):
         if not path.startswith("/dev/"):
@@ -188,6 +237,10 @@ def confine_to_dev(path: str) -> str:
             raise TemplateError(f"{shown} has a {component!r} component")
     if not components:
         raise TemplateError(f"{shown} names no file under /dev")
+    if len(components) > MAX_DEV_DEPTH:
+        raise TemplateError(
+            f"{shown} is {len(components)} levels below /dev; at most {MAX_DEV_DEPTH} are allowed"
+        )
     return "/dev/" + "/".join(components)
 
 

@@ -22,6 +22,7 @@ from hotrelay.core.containers import ContainerRef
 from hotrelay.effectors.nshelper.errors import HelperError, error_for_kind
 from hotrelay.effectors.nshelper.protocol import (
     RECEIVE_BUFFER,
+    AccountTexts,
     BindNode,
     Created,
     DevDirectory,
@@ -34,6 +35,7 @@ from hotrelay.effectors.nshelper.protocol import (
     Ping,
     Pong,
     ProtocolError,
+    ReadAccounts,
     Removed,
     RemoveNode,
     RemoveSymlink,
@@ -97,11 +99,17 @@ class NamespaceHelper:
         self._pidfd = pidfd
         self._lock = trio.Lock()
         self._broken = False
+        self._killed = False
 
     @property
     def exited(self) -> bool:
         """The helper process has exited (its pidfd turned readable)."""
         return self._pidfd < 0 or not ns.is_alive(self._pidfd)
+
+    @property
+    def stuck(self) -> bool:
+        """Killed, and still not gone: waiting in the kernel on the container's files."""
+        return self._killed and not self.exited
 
     @property
     def alive(self) -> bool:
@@ -131,7 +139,7 @@ class NamespaceHelper:
                 self.container.target, "namespace helper exited (did the container stop?)"
             )
         reply, fds = received
-        if len(fds) != (1 if isinstance(reply, Socket | Directory) else 0):
+        if len(fds) != (1 if isinstance(reply, Socket | Directory | AccountTexts) else 0):
             for fd in fds:
                 os.close(fd)
             raise ProtocolError(f"{reply.op} reply with {len(fds)} descriptors")
@@ -192,18 +200,27 @@ class NamespaceHelper:
         return reply
 
     async def kill(self) -> None:
-        """SIGKILL it through its pidfd and wait (briefly) until it is gone."""
+        """SIGKILL it through its pidfd and wait (briefly, once) until it is gone.
+
+        A helper waiting on a filesystem that never answers (a hung FUSE mount) cannot
+        die until the kernel lets it: its pidfd is then kept, so that ``exited`` keeps
+        telling the pool whether it is still stuck.
+        """
         self._broken = True
         with trio.CancelScope(shield=True):
             self._sock.close()
-            if self._pidfd < 0:
+            if self._pidfd < 0 or self._killed:
+                if self.exited:
+                    self._close_pidfd()
                 return
+            self._killed = True
             if not self.exited:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
                 with trio.move_on_after(2.0):
                     await trio.lowlevel.wait_readable(self._pidfd)
-            self._close_pidfd()
+            if self.exited:
+                self._close_pidfd()
 
     async def aclose(self, *, grace: float = 2.0) -> None:
         """Stop it: EOF first, SIGKILL if it lingers."""
@@ -280,6 +297,26 @@ class NamespaceHelper:
         """An O_PATH fd of the container's /dev (InjectionError if /dev is not tmpfs)."""
         _, fds = await self.exchange(DevDirectory(), Directory)
         return fds[0]
+
+    async def read_accounts(self) -> tuple[str, str]:
+        """The container's /etc/passwd and /etc/group texts ("" for a missing file).
+
+        Raises AccountReadError when a file is unsafe to read (a device node, a FIFO,
+        too big, ...), HelperError when the read does not finish in time.
+        """
+        reply, fds = await self.exchange(ReadAccounts(), AccountTexts)
+        try:
+            data = b""
+            want = reply.passwd + reply.group
+            while len(data) < want:
+                chunk = os.pread(fds[0], want - len(data), len(data))
+                if not chunk:
+                    raise HelperError(self.container.target, "read_accounts: short memfd")
+                data += chunk
+        finally:
+            os.close(fds[0])
+        passwd, group = data[: reply.passwd], data[reply.passwd :]
+        return passwd.decode(errors="replace"), group.decode(errors="replace")
 
     async def route_socket(self) -> socket.socket:
         """A NETLINK_ROUTE socket created inside the container's network namespace."""

@@ -31,6 +31,7 @@ from hotrelay.effectors.nshelper import mountns
 from hotrelay.effectors.nshelper.protocol import (
     LEFT_LIMIT,
     PATH_LIMIT,
+    AccountTexts,
     BindNode,
     Created,
     DevDirectory,
@@ -42,6 +43,7 @@ from hotrelay.effectors.nshelper.protocol import (
     MakeSymlink,
     Ping,
     Pong,
+    ReadAccounts,
     Removed,
     RemoveNode,
     RemoveSymlink,
@@ -52,6 +54,11 @@ from hotrelay.effectors.nshelper.protocol import (
     Sent,
     Socket,
     quote,
+)
+from hotrelay.effectors.nshelper.rootfiles import (
+    ACCOUNT_FILES,
+    AccountFileError,
+    read_account_file,
 )
 from hotrelay.kernel import mount
 from hotrelay.kernel.netlink import NETLINK_KOBJECT_UEVENT, UDEV_GROUP, send_credentials
@@ -196,6 +203,8 @@ class Confined:
             return Socket(), [self.route_socket()]
         if isinstance(request, DevDirectory):
             return Directory(), [self.dev_directory()]
+        if isinstance(request, ReadAccounts):
+            return self.read_accounts()
         raise OperationFailed("invalid", f"{request.op} is not for a helper", path=None)
 
     # -- walking ------------------------------------------------------------------------
@@ -495,6 +504,24 @@ class Confined:
             os.close(fd)
             raise
         return fd
+
+    def read_accounts(self) -> tuple[AccountTexts, list[int]]:
+        """/etc/passwd and /etc/group, handed back in a memfd (they may exceed a message)."""
+        try:
+            texts = [read_account_file(self.root_fd, path).encode() for path in ACCOUNT_FILES]
+        except AccountFileError as exc:
+            raise OperationFailed("account", str(exc)[:1000], path=None) from None
+        memfd = os.memfd_create("hotrelay-accounts", os.MFD_CLOEXEC)
+        try:
+            for text in texts:
+                view = memoryview(text)
+                while view:
+                    view = view[os.write(memfd, view) :]
+            os.lseek(memfd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(memfd)
+            raise
+        return AccountTexts(len(texts[0]), len(texts[1])), [memfd]
 
     def _need_net(self) -> None:
         if not self.has_net:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from hotrelay.errors import HotrelayError
 
 __all__ = [
+    "AccountReadError",
     "HelperError",
     "InjectionError",
     "TargetExistsError",
@@ -48,9 +49,14 @@ class HelperError(InjectionError):
     """The namespace helper could not be started, died, or missed its deadline."""
 
 
+class AccountReadError(InjectionError):
+    """The container's /etc/passwd or /etc/group could not be read safely."""
+
+
 _KINDS: dict[str, type[InjectionError]] = {
     "unsafe": UnsafePathError,
     "exists": TargetExistsError,
+    "account": AccountReadError,
 }
 
 

@@ -215,7 +215,7 @@ class NamespaceHelpers:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self._start_within = start_within
-        self._request_timeout = request_timeout
+        self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self._helpers: dict[tuple[object, str], NamespaceHelper] = {}
         self._locks: dict[tuple[object, str], trio.Lock] = {}
@@ -253,8 +253,18 @@ class NamespaceHelpers:
                 or helper.container.pid != container.pid
                 or helper.container.start_time != container.start_time
             ):
+                await helper.kill()
+                if helper.stuck:
+                    # One stuck helper per container at most: a container whose files
+                    # never answer does not get to park one process after another.
+                    raise HelperError(
+                        container.target,
+                        f"its namespace helper (pid {helper.helper_pid}) is still stuck in "
+                        "the container's filesystem (a file that never answers, such as "
+                        "one on a hung FUSE mount); not starting another",
+                    )
                 del self._helpers[key]
-                await helper.aclose()
+                helper.forget()
                 helper = None
             if helper is None:
                 helper = await self._start(container)
@@ -294,7 +304,7 @@ class NamespaceHelpers:
             pidfd,
             helper_pid=pid,
             joined_net=join_net,
-            request_timeout=self._request_timeout,
+            request_timeout=self.request_timeout,
         )
         try:
             with trio.fail_after(self._start_within):

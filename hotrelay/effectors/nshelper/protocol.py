@@ -30,6 +30,7 @@ __all__ = [
     "PATH_LIMIT",
     "QUOTE_LIMIT",
     "RECEIVE_BUFFER",
+    "AccountTexts",
     "BindNode",
     "Created",
     "Existence",
@@ -42,6 +43,7 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
+    "ReadAccounts",
     "RemoveNode",
     "RemoveSymlink",
     "Removed",
@@ -225,6 +227,14 @@ class DevDirectory(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadAccounts(_Message):
+    """The container's /etc/passwd and /etc/group, read inside its root (a file that
+    never answers, on a hung FUSE mount, then parks this helper, never the daemon)."""
+
+    op: ClassVar[str] = "read_accounts"
+
+
+@dataclass(frozen=True, slots=True)
 class ForkHelper(_Message):
     """To the fork server: fork a helper for ``container``.
 
@@ -249,6 +259,7 @@ Request = (
     | SendUevent
     | RouteSocket
     | DevDirectory
+    | ReadAccounts
     | ForkHelper
 )
 
@@ -309,6 +320,16 @@ class Directory(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class AccountTexts(_Message):
+    """The reply carries one descriptor, a memfd: ``passwd`` bytes of /etc/passwd,
+    then ``group`` bytes of /etc/group (0 for a file that does not exist)."""
+
+    op: ClassVar[str] = "account_texts"
+    passwd: int
+    group: int
+
+
+@dataclass(frozen=True, slots=True)
 class Forked(_Message):
     """From the fork server: the helper runs; the reply carries its pidfd."""
 
@@ -327,7 +348,18 @@ class Failure(_Message):
     errno: int | None = None
 
 
-Reply = Pong | Created | Removed | Existence | Sent | Socket | Directory | Forked | Failure
+Reply = (
+    Pong
+    | Created
+    | Removed
+    | Existence
+    | Sent
+    | Socket
+    | Directory
+    | AccountTexts
+    | Forked
+    | Failure
+)
 
 _REQUESTS: dict[str, type[Any]] = {
     cls.op: cls
@@ -342,12 +374,24 @@ _REQUESTS: dict[str, type[Any]] = {
         SendUevent,
         RouteSocket,
         DevDirectory,
+        ReadAccounts,
         ForkHelper,
     )
 }
 _REPLIES: dict[str, type[Any]] = {
     cls.op: cls
-    for cls in (Pong, Created, Removed, Existence, Sent, Socket, Directory, Forked, Failure)
+    for cls in (
+        Pong,
+        Created,
+        Removed,
+        Existence,
+        Sent,
+        Socket,
+        Directory,
+        AccountTexts,
+        Forked,
+        Failure,
+    )
 }
 
 

@@ -1,0 +1,119 @@
+"""An operator's first day: the surprises a new user met, each through the front door.
+
+- A symlink template naming a property the event lacks (the README's own
+  ``serial/by-id/{ID_SERIAL}`` on a host without udevd) dropped the whole rule without
+  a word; now only that link is left out, said once, and shown in status and list.
+- Two daemons on one state directory undid each other's grants; the second is now
+  refused at once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from functools import partial
+
+import pytest
+from adversarial_support import grant_listed, inside_state, ours, zram_rules
+
+from hotrelay.testing.daemon import RunningDaemon, eventually
+from hotrelay.testing.hotplug import ZramDevice
+from hotrelay.testing.sandbox import Sandbox
+
+pytestmark = pytest.mark.privileged
+
+
+def ok_inside(box: Sandbox, node: str) -> bool:
+    return inside_state(box, [node])[node] == "ok"
+
+
+LINK_RULE = """
+[[rule]]
+name = "serial"
+target = ["{target}"]
+[rule.match]
+subsystem = "block"
+kernel = "{kernel}"
+[rule.device]
+path = "/dev/disks/{{kernel}}"
+symlinks = ["serial/by-id/{{ID_SERIAL}}", "by-name/{{kernel}}"]
+"""
+
+
+def test_a_link_without_a_value_is_left_out_the_device_goes_in_and_everyone_is_told() -> None:
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create(devices="default-deny", name_prefix="link")
+        stack.callback(box.close)
+        # pid: rather than cgroup: so that the sandbox's set-up processes, which pass
+        # through its cgroup first, are no incarnations of their own (each would be
+        # told about once, rightly).
+        daemon = stack.enter_context(
+            RunningDaemon(
+                {"10-serial.toml": LINK_RULE.format(target=f"pid:{box.pid}", kernel=zram.name)}
+            )
+        )
+        node = f"/dev/disks/{zram.name}"
+        eventually(partial(ok_inside, box, node), timeout=5)
+        # The device is in, the link with a value too; the one without is not.
+        state = inside_state(box, [f"/dev/by-name/{zram.name}", "/dev/serial"])
+        assert state == {f"/dev/by-name/{zram.name}": "symlink", "/dev/serial": "absent"}
+        assert grant_listed(box, zram)
+        # Said once, counted, and shown in status and list.
+        warnings = [
+            line
+            for line in daemon.log().splitlines()
+            if " WARNING " in line and "skip symlink" in line
+        ]
+        assert len(warnings) == 1, warnings
+        assert "has no property ID_SERIAL" in warnings[0]
+        status = daemon.status()
+        assert status["counters"]["links_left_out"] == 1
+        (left,) = status["left_out"]
+        assert left["link"] == "serial/by-id/{ID_SERIAL}"
+        assert "ID_SERIAL" in left["reason"]
+        (row,) = [g for g in daemon.grants() if g["device"].endswith(zram.name)]
+        assert row["left_out"]
+        assert "ID_SERIAL" in row["left_out"][0]
+        # A change event replans the same binding: not said again.
+        (zram.syspath / "uevent").write_text("change")
+        time.sleep(0.5)
+        told = [line for line in daemon.log().splitlines() if "WARNING" in line]
+        assert sum("skip symlink" in line for line in told) == 1
+
+
+def test_a_second_daemon_on_the_same_state_directory_is_refused_at_once() -> None:
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        first = stack.enter_context(RunningDaemon(zram_rules(ours("lock"), kernel=zram.name)))
+        box = Sandbox.create(devices="default-deny", name_prefix="lock")
+        stack.callback(box.close)
+        node = f"/dev/disks/{zram.name}"
+        eventually(partial(ok_inside, box, node), timeout=5)
+        assert first.process is not None
+
+        start = time.monotonic()
+        second = subprocess.run(
+            [
+                sys.executable, "-m", "hotrelay", "run",
+                "--config", str(first.config_path),
+                "--rules", str(first.rules_dir),
+                "--state-dir", str(first.state_dir),
+                "--socket", str(first.workdir / "second.sock"),
+            ],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        took = time.monotonic() - start
+
+        assert second.returncode == 1, second.stderr
+        assert str(first.state_dir) in second.stderr
+        assert f"pid {first.process.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert took < 10  # refused before any start-up work, not after it
+        assert not (first.workdir / "second.sock").exists()
+        # The first daemon and its grant are as they were.
+        assert first.process.poll() is None
+        assert grant_listed(box, zram)
+        assert ok_inside(box, node)
