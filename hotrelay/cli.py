@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from hotrelay.rules_cli import run_check
 
-    return run_check(args.paths, sys.stdout, sys.stderr)
+    return run_check(args.paths, sys.stdout, sys.stderr, as_json=args.json)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -89,6 +89,12 @@ def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     check.add_argument(
         "paths", nargs="*", metavar="PATH", help=f"rule files or directories (default {rules_dir})"
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON document: {"ok": ..., "rules": N, "files": [...], "errors": '
+        '[{"path", "line", "message"}]}',
     )
     check.set_defaults(func=_check)
 

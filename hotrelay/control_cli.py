@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from hotrelay.control.client import ControlClient
+from hotrelay.control.client import ControlClient, ControlError
 from hotrelay.core.config import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, ConfigError, load_config_text
 
 __all__ = [
@@ -151,8 +151,16 @@ def run_control_verb(verb: str, args: argparse.Namespace, out: TextIO) -> int:
         request_args.update(path=args.path, mode=args.mode, owner=args.owner, group=args.group)
     if verb == "refresh":
         request_args = {"runtime": args.runtime, "name": args.name}
-    with ControlClient(_socket(args)) as client:
-        result = client.request(verb, **request_args)
+    try:
+        with ControlClient(_socket(args)) as client:
+            result = client.request(verb, **request_args)
+    except ControlError as exc:
+        if not args.json:
+            raise
+        # A program asked for JSON: it gets JSON on failure too (and exit status 1).
+        failure = {"ok": False, "error": str(exc), "code": exc.code}
+        out.write(json.dumps(failure, indent=2) + "\n")
+        return exc.exit_code
     if args.json:
         out.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -202,7 +210,12 @@ def add_control_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]
         "ledger and re-applied when the container restarts, until detach.",
     )
     attach.add_argument("target", metavar="TARGET", help="RUNTIME:NAME, such as lxc:homeassistant")
-    attach.add_argument("device", metavar="DEVICE", help="/dev/NODE or /sys/... device path")
+    attach.add_argument(
+        "device",
+        metavar="DEVICE",
+        help="/dev/NODE (a symlink to it too), a /sys/... device that has a node, or "
+        "/sys/class/net/IFACE",
+    )
     attach.add_argument("--path", metavar="P", help="node path in the container (default: same)")
     attach.add_argument("--mode", metavar="M", help='node mode, octal, such as "0660"')
     attach.add_argument("--owner", type=_id, metavar="O", help="user name or id in the container")

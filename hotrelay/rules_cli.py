@@ -42,19 +42,34 @@ def _load(paths: Sequence[Path], err: TextIO) -> RuleSet:
         raise RulesInvalid(f"{len(exc.errors)} error(s) in the rules; nothing was loaded") from None
 
 
-def run_check(paths: Sequence[str], out: TextIO, err: TextIO) -> int:
+def run_check(paths: Sequence[str], out: TextIO, err: TextIO, *, as_json: bool = False) -> int:
     """Print every problem as ``path:line: message``; 0 if none, 1 otherwise."""
     targets = [Path(p) for p in paths] or [DEFAULT_RULES_DIR]
     try:
         rules = load_rules(targets)
     except RuleSetError as exc:
+        count = len(exc.errors)
+        if as_json:
+            errors = [{"path": e.path, "line": e.line, "message": e.message} for e in exc.errors]
+            print(json.dumps({"ok": False, "errors": errors}, indent=2), file=out)
+            return 1
         for error in exc.errors:
             print(error, file=out)
-        count = len(exc.errors)
         print(f"hotrelay: {count} error{'s' if count != 1 else ''}", file=err)
         return 1
     stats = rules.index.stats()
     count, files = len(rules), len(rules.files)
+    if as_json:
+        report = {
+            "ok": True,
+            "rules": count,
+            "files": [str(f) for f in rules.files],
+            "indexed": count - stats["scanned"],
+            "scanned": stats["scanned"],
+            "errors": [],
+        }
+        print(json.dumps(report, indent=2), file=out)
+        return 0
     # "scanned" rules have no exact value to be indexed by: they cost time on every
     # event of their subsystem (or every event), so an operator may want to know.
     print(

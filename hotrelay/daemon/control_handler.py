@@ -9,9 +9,11 @@ any rule: the device follows the container across restarts and replugs until det
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from hotrelay.core.plan import MakeNode
 from hotrelay.core.rules import RuleSetError, load_rules_text
 from hotrelay.core.rules.model import Target, TargetError
 from hotrelay.errors import HotrelayError
+from hotrelay.runtimes.names import resolve_owner_async
 
 if TYPE_CHECKING:
     from hotrelay.daemon.pump import Daemon
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["ATTACHED_FILE", "DaemonControl", "attached_rules_path"]
 
 ATTACHED_FILE = "attached.toml"
+ATTACH_PREFIX = "attach-"
 
 
 class ControlError(HotrelayError):
@@ -53,7 +57,7 @@ def _escape_glob(text: str) -> str:
 
 def attach_rule_name(target: str, device: str) -> str:
     digest = hashlib.sha256(f"{target}\0{device}".encode()).hexdigest()[:12]
-    return f"attach-{digest}"
+    return f"{ATTACH_PREFIX}{digest}"
 
 
 def attach_rule_text(target: str, device: str, options: dict[str, Any]) -> str:
@@ -126,6 +130,12 @@ class DaemonControl:
                 for c in relay.containers.values()
             ],
             "rule_files": list(relay.rules.files),
+            # Manual grants (`hotrelay attach`), standing until detached.
+            "attached": [
+                rule.description or rule.name
+                for rule in relay.rules
+                if rule.name.startswith(ATTACH_PREFIX)
+            ],
             "rules": len(relay.rules),
             "failing": {str(k): v for k, v in relay.failing().items()},
             # What the current bindings leave out, and why (they apply all the same).
@@ -158,6 +168,7 @@ class DaemonControl:
                     "device": binding.uevent.node or key.devpath if binding else key.devpath,
                     "path": node.path if node is not None else None,
                     "rule": key.rule,
+                    "attached": key.rule.startswith(ATTACH_PREFIX),
                     "since": self._daemon.applied_since.get(key),
                     "state": "applied" if binding or key in held else "being undone",
                     "left_out": [
@@ -186,25 +197,56 @@ class DaemonControl:
         return {"rules": len(daemon.relay.rules), "files": list(daemon.relay.rules.files)}
 
     async def attach(self, target: str, device: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate everything first (the target runs, the device exists, the owner and
+        group resolve inside, the options are well-formed); only then store the rule."""
         try:
-            Target.parse(target)
+            parsed = Target.parse(target)
         except TargetError as exc:
             raise ControlError(f"attach: target {target!r}: {exc}") from None
+        _check_attach_options(options)
+        device = await trio.to_thread.run_sync(_host_device, device)
+        try:
+            running = await self._daemon.running_containers(parsed)
+        except (HotrelayError, ValueError) as exc:
+            raise ControlError(f"attach: {exc}") from None
+        if not running:
+            raise ControlError(
+                f"attach: no running container is {target} (is it started? is the name "
+                "right? `hotrelay status` lists the containers the daemon sees)"
+            )
+        for container in running:
+            try:
+                await resolve_owner_async(
+                    container, user=options.get("owner", 0), group=options.get("group", 0)
+                )
+            except HotrelayError as exc:
+                raise ControlError(f"attach: {container.target}: {exc}") from None
         text = attach_rule_text(target, device, options)
         path = attached_rules_path(self._daemon.options.state_dir)
         try:
             load_rules_text(text, f"attach {target} {device}")
         except RuleSetError as exc:
-            raise ControlError(str(exc)) from None
+            # Say it in the command's terms, not the generated rule's file and line.
+            messages = "; ".join(e.message for e in exc.errors)
+            raise ControlError(f"attach: {messages}") from None
         current = await trio.to_thread.run_sync(_read, path)
         name = attach_rule_name(target, device)
         if name in current:
             raise ControlError(f"{device} is already attached to {target}; detach it first")
         await trio.to_thread.run_sync(_write, path, current + "\n" + text)
         await self.reload()
-        return {"attached": device, "target": target, "rule": name}
+        return {
+            "attached": device,
+            "target": target,
+            "rule": name,
+            "containers": [shown(c) for c in running],
+        }
 
     async def detach(self, target: str, device: str) -> dict[str, Any]:
+        # Named as attach named it (a /sys/... path or a symlink means its node); a
+        # device that is gone by now is detached by the name given.
+        with contextlib.suppress(ControlError):
+            device = await trio.to_thread.run_sync(_host_device, device)
         path = attached_rules_path(self._daemon.options.state_dir)
         current = await trio.to_thread.run_sync(_read, path)
         name = attach_rule_name(target, device)
@@ -233,6 +275,61 @@ def shown(container: ContainerRef) -> str:
     if container.runtime is Runtime.PID and container.start_time is not None:
         return f"pid:{container.pid}@{container.start_time}"
     return container.target
+
+
+def _check_attach_options(options: dict[str, Any]) -> None:
+    """--mode, --path, --owner and --group, checked as the command line gave them."""
+    mode = options.get("mode")
+    if mode is not None:
+        text = str(mode)
+        if not (text.isascii() and text.isdigit() and set(text) <= set("01234567")) or (
+            int(text, 8) > 0o777
+        ):
+            raise ControlError(f"attach: --mode {text!r} is not an octal mode such as 0660")
+    path = options.get("path")
+    if path is not None and not (isinstance(path, str) and path.startswith("/dev/")):
+        raise ControlError(f"attach: --path {path!r} is not a path below /dev")
+    for key in ("owner", "group"):
+        value = options.get(key)
+        if value is not None and not isinstance(value, int | str):
+            raise ControlError(f"attach: --{key} must be a name or a number")
+
+
+def _host_device(device: str) -> str:
+    """The node a DEVICE argument names on this host, checked against sysfs.
+
+    ``/dev/...`` (a symlink such as /dev/serial/by-id/... is followed to its node),
+    a ``/sys/...`` device directory with a node (its DEVNAME), or
+    ``/sys/class/net/IFACE``. Raises ControlError saying why not.
+    """
+    if device.startswith("/sys/class/net/"):
+        if not os.path.isdir(device):
+            raise ControlError(f"attach: {device}: no such network interface on this host")
+        return device
+    if device.startswith("/sys/"):
+        try:
+            uevent = Path(device, "uevent").read_text()
+        except OSError:
+            raise ControlError(f"attach: {device}: no such device in sysfs") from None
+        names = [line[8:] for line in uevent.splitlines() if line.startswith("DEVNAME=")]
+        if not names:
+            raise ControlError(f"attach: {device}: this device has no node (no DEVNAME)")
+        device = "/dev/" + names[0]
+    if not device.startswith("/dev/"):
+        raise ControlError(
+            f"attach: {device!r} is not a /dev/... node, a /sys/... device or /sys/class/net/IFACE"
+        )
+    node = os.path.realpath(device)
+    try:
+        st = os.stat(node)
+    except OSError as exc:
+        raise ControlError(f"attach: {device}: {exc.strerror or exc}") from None
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ControlError(f"attach: {device} is not a device node")
+    kind = "block" if stat.S_ISBLK(st.st_mode) else "char"
+    if not os.path.exists(f"/sys/dev/{kind}/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"):
+        raise ControlError(f"attach: {device}: no such device in sysfs (a stale node?)")
+    return node
 
 
 def _read(path: Path) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "EffectorError",
     "Executor",
     "JobResult",
+    "applied_since",
     "key_from_record",
     "key_record",
     "restore_applied",
@@ -274,6 +275,7 @@ class Executor:
                 return JobResult(job, error=f"{action.describe()}: {exc}", leftover=leftover)
             log.info("%s: %s", key, action.describe())
         entry["complete"] = True
+        entry["since"] = time.time()  # shown by `list`, also after a restart
         self._write(key, entry)
         return JobResult(job)
 
@@ -335,6 +337,23 @@ def _next_undo(steps: list[Record]) -> int:
         if steps[index].get("kind") == "GrantDevice":
             return index
     return len(steps) - 1
+
+
+def applied_since(ledger: Ledger) -> dict[BindingKey, float]:
+    """When each complete binding in the ledger was applied (for ``list``)."""
+    since: dict[BindingKey, float] = {}
+    for entry in ledger.entries():
+        record = entry.record
+        if entry.kind != "binding" or record.get("complete") is not True:
+            continue
+        when = record.get("since")
+        try:
+            key = key_from_record(record["key"])
+        except (KeyError, ValueError, TypeError):
+            continue
+        if isinstance(when, int | float) and not isinstance(when, bool):
+            since[key] = float(when)
+    return since
 
 
 def restore_applied(ledger: Ledger) -> dict[BindingKey, str]:

@@ -7,7 +7,7 @@ config (``metrics = "127.0.0.1:9477"``); nothing is served unless one is configu
 
     metrics = DaemonMetrics()
     metrics.events.inc(source="udev", verdict="matched")
-    metrics.actions.inc(kind="grant", outcome="ok")
+    metrics.actions.inc(kind="apply", outcome="ok")
     metrics.latency.observe(0.004)
     address = await nursery.start(serve_metrics, metrics.registry, "127.0.0.1", 9477)
 """
@@ -242,7 +242,8 @@ class Registry:
 class DaemonMetrics:
     """The daemon's metrics, on their own registry. Label values are the daemon's words:
     source (kernel, udev), verdict (matched, unmatched, untrusted, malformed, mismatch),
-    kind (grant, revoke, make-node, ...), outcome (ok, failed, skipped)."""
+    kind (apply, undo, notify: one per job), outcome (ok, failed). docs/operations.md
+    lists them, and a test holds the two together."""
 
     def __init__(self, registry: Registry | None = None) -> None:
         self.registry = registry or Registry()

@@ -25,15 +25,22 @@ from pathlib import Path
 import trio
 
 from hotrelay.control.server import Broadcaster
-from hotrelay.core.containers import ContainerEvent, ContainerStarted, ContainerStopped, Runtime
+from hotrelay.core.containers import (
+    ContainerEvent,
+    ContainerRef,
+    ContainerStarted,
+    ContainerStopped,
+    Runtime,
+)
 from hotrelay.core.relay import ApplyJob, BindingKey, Job, Relay, UndoJob
-from hotrelay.core.rules import DeviceView, RuleSet
+from hotrelay.core.rules import DeviceView, RuleSet, Target
 from hotrelay.core.uevent import Uevent, Wire
 from hotrelay.daemon.coldplug import enumerate_devices
 from hotrelay.daemon.executor import (
     Effector,
     Executor,
     JobResult,
+    applied_since,
     key_from_record,
     restore_applied,
 )
@@ -202,6 +209,7 @@ class Daemon:
             self.source, self.ledger = source, ledger
             self.relay = Relay(rules)
             self.relay.restore(restore_applied(ledger), moved_netdevs=moved_netdevs(ledger))
+            self.applied_since.update(applied_since(ledger))
             for adapter in self._runtimes:
                 if isinstance(adapter, PidAdapter):
                     # pid: targets pinned at first sight stay pinned across restarts.
@@ -446,6 +454,20 @@ class Daemon:
                     if target.runtime is adapter.runtime:
                         follow(target.pattern)
         return following
+
+    async def running_containers(self, target: Target) -> list[ContainerRef]:
+        """The running containers ``target`` names now, asked of its runtime's adapter.
+
+        HotrelayError if no adapter of that runtime is enabled here.
+        """
+        for adapter in self._runtimes:
+            if adapter.runtime is target.runtime:
+                refs = await adapter.resolve(target.pattern)
+                return [ref for ref in refs if target.selects(ref)]
+        raise HotrelayError(
+            f"{target}: the {target.runtime.value} runtime is not enabled in this daemon "
+            "(see [runtimes] in the config)"
+        )
 
     async def refresh_container(self, runtime: Runtime, name: str) -> None:
         """Someone (the LXC hook) says a container changed: list that runtime again."""

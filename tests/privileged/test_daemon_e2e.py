@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -14,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hotrelay.control.client import ControlError
+from hotrelay.control.client import ControlClient, ControlError
 from hotrelay.core.uevent import parse
 from hotrelay.testing.daemon import RunningDaemon, eventually
 from hotrelay.testing.hotplug import ZramDevice
@@ -174,6 +179,12 @@ def test_restart_after_kill_9_reconciles_with_what_changed_meanwhile(
             eventually(lambda: usable(sandbox, node(added_while_down)), timeout=5.0)
             stale = f"b {removed_while_down.major}:{removed_while_down.minor} rwm"
             assert stale not in devices_list(sandbox)
+            # A clean restart: `list` still says since when each grant is held.
+            daemon.stop()
+            daemon.start()
+            rows = [r for r in daemon.grants() if r["device"].endswith(added_while_down.name)]
+            assert rows, daemon.grants()
+            assert all(isinstance(r["since"], float) for r in rows), rows
     finally:
         removed_while_down.remove()
         daemon.close()
@@ -329,6 +340,76 @@ def test_metrics_report_what_the_daemon_did(sandboxes: list[Sandbox]) -> None:
         assert "hotrelay_job_duration_seconds_count" in text
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def documented_monitor_fields() -> dict[str, set[str]]:
+    """The monitor table of docs/operations.md: type -> its fields."""
+    fields: dict[str, set[str]] = {}
+    for line in DOCS.read_text().splitlines():
+        found = re.match(r"\| `(uevent|container|action)` \| (.*) \|$", line)
+        if found:
+            # A field is a backticked word followed by a space, a comma or the end;
+            # backticked words in parentheses are its values.
+            words = re.sub(r"\([^)]*\)", "", found[2])
+            fields[found[1]] = set(re.findall(r"`([a-z_]+)`", words))
+    return fields
+
+
+def documented_label_values(metric: str) -> dict[str, set[str]]:
+    """label -> documented values, from the metrics table of docs/operations.md."""
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith(f"| `{metric}`"))
+    return {
+        label: {v.strip() for v in values.split(":")[0].split(",")}
+        for label, values in re.findall(r"`([a-z]+)` \(([^)]*)\)", row)
+    }
+
+
+def test_monitor_events_and_metric_labels_are_what_the_docs_say(
+    sandboxes: list[Sandbox],
+) -> None:
+    sandbox = Sandbox.create(devices="default-deny")
+    sandboxes.append(sandbox)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = f'metrics = "127.0.0.1:{port}"\n'
+    with RunningDaemon(rules(f"pid:{sandbox.pid}"), config=config) as daemon:
+        events: list[dict[str, Any]] = []
+        client = ControlClient(daemon.socket, timeout=20)
+
+        def listen() -> None:
+            with contextlib.suppress(ControlError, OSError):
+                for event in client.stream("monitor"):
+                    events.append(event)
+                    if {e["type"] for e in events} >= {"uevent", "action"}:
+                        return
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        eventually(lambda: daemon.status()["counters"] is not None)
+        time.sleep(0.3)  # subscribed
+        with ZramDevice() as zram:
+            eventually(lambda: usable(sandbox, node(zram)), timeout=5.0)
+            listener.join(10)
+        client.close()
+        documented = documented_monitor_fields()
+        assert set(documented) == {"uevent", "container", "action"}
+        seen_types = {e["type"] for e in events}
+        assert {"uevent", "action"} <= seen_types, events
+        for event in events:
+            assert set(event) - {"type"} == documented[event["type"]], event
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for metric in ("hotrelay_actions_total", "hotrelay_events_total"):
+            allowed = documented_label_values(metric)
+            assert allowed, metric
+            for labels in re.findall(rf"^{metric}{{([^}}]*)}}", text, re.MULTILINE):
+                for label, value in re.findall(r'(\w+)="([^"]*)"', labels):
+                    assert value in allowed[label], (metric, label, value, allowed)
+
+
 def test_reload_refuses_a_bad_config_and_keeps_relaying(sandboxes: list[Sandbox]) -> None:
     sandbox = Sandbox.create(devices="default-deny")
     sandboxes.append(sandbox)
@@ -337,6 +418,15 @@ def test_reload_refuses_a_bad_config_and_keeps_relaying(sandboxes: list[Sandbox]
         daemon.config_path.write_text('log_level = "chatty"\n')
         with pytest.raises(ControlError, match=r"hotrelay.toml:1: log_level"):
             daemon.request("reload")
+        # Through the CLI with --json, as a script would: JSON on failure too, status 1.
+        cli = subprocess.run(
+            [sys.executable, "-m", "hotrelay", "reload", "--json", "--socket", str(daemon.socket)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert cli.returncode == 1, cli.stderr
+        answer = json.loads(cli.stdout)
+        assert answer["ok"] is False
+        assert "hotrelay.toml:1: log_level" in answer["error"]
         assert usable(sandbox, node(zram))
         daemon.config_path.write_text('log_level = "info"\nheal_interval = 1\n')
         daemon.request("reload")

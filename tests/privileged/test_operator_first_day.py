@@ -117,3 +117,54 @@ def test_a_second_daemon_on_the_same_state_directory_is_refused_at_once() -> Non
         assert first.process.poll() is None
         assert grant_listed(box, zram)
         assert ok_inside(box, node)
+
+
+def hotrelay_cli(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hotrelay", *args, "--socket", str(daemon.socket)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+def test_attach_says_no_for_what_does_not_exist_and_shows_what_it_holds() -> None:
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create(devices="default-deny", name_prefix="attach")
+        stack.callback(box.close)
+        daemon = stack.enter_context(RunningDaemon({}))
+        target = f"pid:{box.pid}"
+        attached = daemon.state_dir / "attached.toml"
+        refusals = {
+            "no such container": (["attach", "pid:999999999", str(zram.devnode)], "no running"),
+            "no such device": (["attach", target, "/dev/hotrelay-no-such-node"], "No such file"),
+            "not a node": (["attach", target, "/dev/null/x"], "attach:"),
+            "unknown group": (
+                ["attach", target, str(zram.devnode), "--group", "no-such-group-x"],
+                "no-such-group-x",
+            ),
+            "bad mode": (["attach", target, str(zram.devnode), "--mode", "999"], "--mode '999'"),
+            "bad path": (["attach", target, str(zram.devnode), "--path", "/etc/x"], "--path"),
+        }
+        for what, (argv, reason) in refusals.items():
+            result = hotrelay_cli(daemon, *argv)
+            assert result.returncode == 1, (what, result.stdout, result.stderr)
+            assert reason in result.stderr, (what, result.stderr)
+            assert "attached" not in result.stdout, what
+            assert not attached.exists() or "[[rule]]" not in attached.read_text(), what
+        assert daemon.status()["attached"] == []
+
+        # A /sys/... device path works too, and what was attached is shown.
+        sys_path = f"/sys/block/{zram.name}"
+        done = hotrelay_cli(daemon, "attach", target, sys_path, "--path", "/dev/zigbee")
+        assert done.returncode == 0, done.stderr
+        eventually(partial(ok_inside, box, "/dev/zigbee"), timeout=5)
+        (shown,) = daemon.status()["attached"]
+        assert target in shown
+        assert str(zram.devnode) in shown
+        (row,) = daemon.grants()
+        assert row["attached"] is True
+        assert row["path"] == "/dev/zigbee"
+        undone = hotrelay_cli(daemon, "detach", target, sys_path)
+        assert undone.returncode == 0, undone.stderr
+        eventually(lambda: inside_state(box, ["/dev/zigbee"])["/dev/zigbee"] == "absent")
+        assert daemon.status()["attached"] == []

@@ -101,6 +101,21 @@ def test_check_prints_path_line_messages_and_exits_1(
     assert err == "hotrelay: 3 errors\n"
 
 
+def test_check_json_ok_and_errors(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["check", "--json", str(rules_dir)], capsys)
+    report = json.loads(out)
+    assert code == 0
+    assert (report["ok"], report["rules"], report["errors"]) == (True, 3, [])
+    (rules_dir / "20-bad.toml").write_text('[[rule]]\nname = "y"\ntarget = "lxd:y"\nmatch.x = 1\n')
+    code, out, err = run(["check", "--json", str(rules_dir)], capsys)
+    report = json.loads(out)
+    assert (code, err, report["ok"]) == (1, "", False)
+    (error,) = report["errors"]
+    assert error["path"] == f"{rules_dir}/20-bad.toml"
+    assert error["line"] == 4
+    assert error["message"].startswith('rule "y": match: unknown key "x"')
+
+
 def test_check_files_and_directories_together(
     rules_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
