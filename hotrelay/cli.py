@@ -70,7 +70,16 @@ def _check(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from hotrelay.rules_cli import run_explain
 
-    return run_explain(args.device, args.rules, args.sysfs, args.json, sys.stdout, sys.stderr)
+    return run_explain(
+        args.device,
+        args.rules,
+        args.sysfs,
+        args.json,
+        sys.stdout,
+        sys.stderr,
+        socket=args.socket,
+        config=args.config,
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -106,6 +115,19 @@ def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "that would receive the device.",
     )
     explain.add_argument("device", metavar="DEVICE", help="/dev/NODE or /sys/... device path")
+    explain.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="ask this daemon which containers would receive it (default: the config's)",
+    )
+    explain.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the config whose runtimes to ask when no daemon runs "
+        "(default /etc/hotrelay/hotrelay.toml)",
+    )
     simulate = verbs.add_parser(
         "simulate",
         help="print the actions a captured uevent would cause (changes nothing)",

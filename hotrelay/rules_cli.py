@@ -114,14 +114,34 @@ def _verdict_json(verdict: Verdict) -> dict[str, Any]:
 
 
 def run_explain(
-    device_spec: str, rules_dir: Path, sysfs: Path, as_json: bool, out: TextIO, err: TextIO
+    device_spec: str,
+    rules_dir: Path,
+    sysfs: Path,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+    *,
+    socket: Path | None = None,
+    config: Path | None = None,
 ) -> int:
-    """Each rule's verdict for one present device; 0 whether or not anything matched."""
+    """Each rule's verdict for one present device, and which running containers would
+    receive it; 0 whether or not anything matched."""
+    from hotrelay.control_cli import default_socket
+    from hotrelay.core.config import DEFAULT_CONFIG_PATH
+    from hotrelay.receivers import resolve_receivers
+
     device = resolve_device(device_spec, sysfs)
     rules = _load([rules_dir], err)
     event = device.to_uevent("add")
     verdicts = rules.explain(event, device)
     matched = [v.rule for v in verdicts if v.matched]
+    wanted = list(dict.fromkeys(t for r in matched for t in r.targets))
+    config = config or Path(DEFAULT_CONFIG_PATH)
+    via, receivers = (
+        resolve_receivers(wanted, socket=socket or default_socket(config), config=config)
+        if wanted
+        else ("none", [])
+    )
     if as_json:
         report = {
             "device": _device_json(device, event),
@@ -129,7 +149,8 @@ def run_explain(
             "rules": [_verdict_json(v) for v in verdicts],
             "matched": [r.name for r in matched],
             "targets": _targets(matched),
-            "containers_resolved": False,
+            "containers_resolved": via,
+            "receivers": [r.to_json() for r in receivers],
         }
         print(json.dumps(report, indent=2), file=out)
         return 0
@@ -154,11 +175,13 @@ def run_explain(
         else:
             print(f"  [no]    {rule.name} ({rule.source}): {verdict.failure}", file=out)
     if matched:
-        print(
-            f"would go to {', '.join(_targets(matched))} "
-            "(target patterns: containers are not resolved yet)",
-            file=out,
-        )
+        asked = "the running daemon" if via == "daemon" else "the runtimes"
+        print(f"would go to (asked {asked}):", file=out)
+        for receiver in receivers:
+            if receiver.containers:
+                print(f"  {receiver.target} -> {', '.join(receiver.containers)}", file=out)
+            else:
+                print(f"  {receiver.target} -> nothing: {receiver.why_none}", file=out)
     else:
         print("no rule matches: the device stays on the host", file=out)
     return 0

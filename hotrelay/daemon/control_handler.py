@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ import trio
 from hotrelay import __version__
 from hotrelay.core.containers import ContainerRef, Runtime
 from hotrelay.core.plan import MakeNode
-from hotrelay.core.rules import RuleSetError, load_rules_text
+from hotrelay.core.rules import Rule, RuleSetError, load_rules_text
 from hotrelay.core.rules.model import Target, TargetError
 from hotrelay.errors import HotrelayError
 from hotrelay.runtimes.names import resolve_owner_async
@@ -130,6 +130,7 @@ class DaemonControl:
                 for c in relay.containers.values()
             ],
             "rule_files": list(relay.rules.files),
+            "targets": _targets_report(relay.rules, list(relay.containers.values())),
             # Manual grants (`hotrelay attach`), standing until detached.
             "attached": [
                 rule.description or rule.name
@@ -275,6 +276,25 @@ def shown(container: ContainerRef) -> str:
     if container.runtime is Runtime.PID and container.start_time is not None:
         return f"pid:{container.pid}@{container.start_time}"
     return container.target
+
+
+def _targets_report(rules: Iterable[Rule], containers: list[ContainerRef]) -> list[dict[str, Any]]:
+    """Each target the rules name, with the running containers it selects now: a target
+    with none (a typo, a stopped container, a runtime not enabled) is visible here
+    rather than silent."""
+    by_target: dict[str, dict[str, Any]] = {}
+    for rule in rules:
+        for target in rule.targets:
+            entry = by_target.setdefault(
+                str(target),
+                {
+                    "target": str(target),
+                    "rules": [],
+                    "running": [shown(c) for c in containers if target.selects(c)],
+                },
+            )
+            entry["rules"].append(rule.name)
+    return sorted(by_target.values(), key=lambda entry: (bool(entry["running"]), entry["target"]))
 
 
 def _check_attach_options(options: dict[str, Any]) -> None:

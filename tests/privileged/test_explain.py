@@ -60,6 +60,14 @@ def rules_dir(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.fixture
+def quiet(tmp_path: Path) -> list[str]:
+    """No daemon to ask and no runtime enabled: every target says so."""
+    config = tmp_path / "hotrelay.toml"
+    config.write_text("[runtimes]\nenabled = []\n")
+    return ["--config", str(config), "--socket", str(tmp_path / "no-daemon.sock")]
+
+
 def explain(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(["explain", *argv]) == 0
     captured = capsys.readouterr()
@@ -68,11 +76,11 @@ def explain(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_explain_a_real_zram_node(
-    zram: ZramDevice, rules_dir: Path, capsys: pytest.CaptureFixture[str]
+    zram: ZramDevice, rules_dir: Path, quiet: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     node = f"/dev/{zram.name}"
     assert stat.S_ISBLK(os.stat(node).st_mode)
-    out = explain([node, "--rules", str(rules_dir)], capsys)
+    out = explain([node, "--rules", str(rules_dir), *quiet], capsys)
     assert out.splitlines() == [
         f"device /devices/virtual/block/{zram.name}",
         f"  subsystem block, devtype disk, kernel {zram.name}, node {node} "
@@ -83,21 +91,23 @@ def test_explain_a_real_zram_node(
         'match "1073741824"',
         f'  [no]    test-veth ({rules_dir}/10-test.toml:18): subsystem: "block" does not match '
         '"net"',
-        "would go to lxc:test, docker:db-* (target patterns: containers are not resolved yet)",
+        "would go to (asked the runtimes):",
+        f"  lxc:test -> nothing: the lxc runtime is not enabled ([runtimes] in {quiet[1]})",
+        f"  docker:db-* -> nothing: the docker runtime is not enabled ([runtimes] in {quiet[1]})",
     ]
-    report = json.loads(explain([node, "--rules", str(rules_dir), "--json"], capsys))
+    report = json.loads(explain([node, "--rules", str(rules_dir), "--json", *quiet], capsys))
     assert report["device"]["devpath"] == zram.devpath
     assert (report["device"]["major"], report["device"]["minor"]) == (zram.major, zram.minor)
     assert report["matched"] == ["zram-disk"]
     # The /sys path names the same device.
-    assert explain([f"/sys/block/{zram.name}", "--rules", str(rules_dir)], capsys) == out
+    assert explain([f"/sys/block/{zram.name}", "--rules", str(rules_dir), *quiet], capsys) == out
 
 
 def test_explain_a_real_veth(
-    veth: VethPair, rules_dir: Path, capsys: pytest.CaptureFixture[str]
+    veth: VethPair, rules_dir: Path, quiet: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     sys_path = f"/sys/class/net/{veth.name}"
-    out = explain([sys_path, "--rules", str(rules_dir)], capsys)
+    out = explain([sys_path, "--rules", str(rules_dir), *quiet], capsys)
     assert out.splitlines() == [
         f"device /devices/virtual/net/{veth.name}",
         f"  subsystem net, devtype -, kernel {veth.name}, driver -",
@@ -107,9 +117,10 @@ def test_explain_a_real_veth(
         f'  [no]    big-zram ({rules_dir}/10-test.toml:10): subsystem: "net" does not match '
         '"block"',
         f"  [match] test-veth ({rules_dir}/10-test.toml:18) -> lxc:router",
-        "would go to lxc:router (target patterns: containers are not resolved yet)",
+        "would go to (asked the runtimes):",
+        f"  lxc:router -> nothing: the lxc runtime is not enabled ([runtimes] in {quiet[1]})",
     ]
-    report = json.loads(explain([sys_path, "--rules", str(rules_dir), "--json"], capsys))
+    report = json.loads(explain([sys_path, "--rules", str(rules_dir), "--json", *quiet], capsys))
     assert report["device"]["kernel"] == veth.name
     assert [r["matched"] for r in report["rules"]] == [False, False, True]
 

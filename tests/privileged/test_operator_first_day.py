@@ -168,3 +168,29 @@ def test_attach_says_no_for_what_does_not_exist_and_shows_what_it_holds() -> Non
         assert undone.returncode == 0, undone.stderr
         eventually(lambda: inside_state(box, ["/dev/zigbee"])["/dev/zigbee"] == "absent")
         assert daemon.status()["attached"] == []
+
+
+def test_a_target_that_names_no_running_container_is_said_in_status_and_explain() -> None:
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create(devices="default-deny", name_prefix="typo")
+        stack.callback(box.close)
+        rule = zram_rules(f"pid:{box.pid}", "lxc:no-such-container-typo", kernel=zram.name)
+        daemon = stack.enter_context(RunningDaemon(rule))
+        eventually(partial(ok_inside, box, f"/dev/disks/{zram.name}"), timeout=5)
+        targets = {t["target"]: t for t in daemon.status()["targets"]}
+        assert targets["lxc:no-such-container-typo"]["running"] == []
+        assert targets[f"pid:{box.pid}"]["running"] == [f"pid:{box.pid}@{box.ref().start_time}"]
+        explained = subprocess.run(
+            [sys.executable, "-m", "hotrelay", "explain", str(zram.devnode),
+             "--rules", str(daemon.rules_dir), "--socket", str(daemon.socket)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert explained.returncode == 0, explained.stderr
+        lines = explained.stdout.splitlines()
+        assert "would go to (asked the running daemon):" in lines
+        assert f"  pid:{box.pid} -> pid:{box.pid} (pid {box.pid})" in lines
+        assert any(
+            line.startswith("  lxc:no-such-container-typo -> nothing: no running container")
+            for line in lines
+        ), lines

@@ -136,8 +136,15 @@ def test_check_a_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 # explain
 
 
+def no_runtimes(tmp_path: Path) -> list[str]:
+    """explain's options for a config with no runtime enabled and no daemon to ask."""
+    config = tmp_path / "hotrelay.toml"
+    config.write_text("[runtimes]\nenabled = []\n")
+    return ["--config", str(config), "--socket", str(tmp_path / "no-daemon.sock")]
+
+
 def test_explain_a_sys_path(
-    rules_dir: Path, sysfs: Path, capsys: pytest.CaptureFixture[str]
+    rules_dir: Path, sysfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
         "explain",
@@ -146,6 +153,7 @@ def test_explain_a_sys_path(
         str(rules_dir),
         "--sysfs",
         str(sysfs),
+        *no_runtimes(tmp_path),
     ]
     code, out, err = run(argv, capsys)
     assert (code, err) == (0, "")
@@ -157,11 +165,17 @@ def test_explain_a_sys_path(
         f'  [no]    big-zram ({rules_dir}/10-test.toml:11): attr.disksize: "0" does not match '
         '"1073741824"',
         f'  [no]    nic ({rules_dir}/10-test.toml:17): subsystem: "block" does not match "net"',
-        "would go to lxc:test, docker:db-* (target patterns: containers are not resolved yet)",
+        "would go to (asked the runtimes):",
+        f"  lxc:test -> nothing: the lxc runtime is not enabled ([runtimes] in {tmp_path}/"
+        "hotrelay.toml)",
+        f"  docker:db-* -> nothing: the docker runtime is not enabled ([runtimes] in {tmp_path}/"
+        "hotrelay.toml)",
     ]
 
 
-def test_explain_json(rules_dir: Path, sysfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_json(
+    rules_dir: Path, sysfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [
         "explain",
         "/sys/class/net/hrt0a",
@@ -170,6 +184,7 @@ def test_explain_json(rules_dir: Path, sysfs: Path, capsys: pytest.CaptureFixtur
         "--sysfs",
         str(sysfs),
         "--json",
+        *no_runtimes(tmp_path),
     ]
     code, out, _ = run(argv, capsys)
     assert code == 0
@@ -192,7 +207,11 @@ def test_explain_json(rules_dir: Path, sysfs: Path, capsys: pytest.CaptureFixtur
     ]
     assert report["matched"] == ["nic"]
     assert report["targets"] == ["lxc:router"]
-    assert report["containers_resolved"] is False
+    assert report["containers_resolved"] == "runtimes"
+    (receivers,) = report["receivers"]
+    assert receivers["target"] == "lxc:router"
+    assert receivers["containers"] == []
+    assert "the lxc runtime is not enabled" in receivers["why_none"]
 
 
 def test_explain_errors(rules_dir: Path, sysfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
