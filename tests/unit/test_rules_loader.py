@@ -371,6 +371,17 @@ def test_targets() -> None:
         Target.parse("pid:0")
 
 
+def test_every_bad_target_of_a_list_is_reported_at_once() -> None:
+    text = '[[rule]]\nname = "r"\ntarget = ["lxc:a", "nope", "docker:", "pid:x"]\n'
+    text += 'match.kernel = "*"\n'
+    assert errors(text) == [
+        'f.toml:3: rule "r": target: "nope": expected RUNTIME:NAME, such as lxc:homeassistant',
+        'f.toml:3: rule "r": target: "docker:": empty name after "docker:"',
+        'f.toml:3: rule "r": target: "pid:x": pid "x" is not a positive decimal number '
+        "(expected PID or PID@STARTTIME)",
+    ]
+
+
 # The locator.
 
 

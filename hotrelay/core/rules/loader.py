@@ -342,16 +342,15 @@ def _uevent_mode(key: KeyPath, value: object) -> UeventMode:
         ) from None
 
 
-def _targets(value: object) -> tuple[Target, ...]:
-    key = ("target",)
-    texts = _strings(key, value, 'a "RUNTIME:NAME" string such as "lxc:homeassistant"')
-    targets = []
-    for text in texts:
-        try:
-            targets.append(Target.parse(text))
-        except TargetError as exc:
-            raise _Invalid(key, f"target: {_show(text)}: {exc}") from None
-    return tuple(targets)
+def _target_texts(value: object) -> tuple[str, ...]:
+    return _strings(("target",), value, 'a "RUNTIME:NAME" string such as "lxc:homeassistant"')
+
+
+def _target(text: str) -> Target:
+    try:
+        return Target.parse(text)
+    except TargetError as exc:
+        raise _Invalid(("target",), f"target: {_show(text)}: {exc}") from None
 
 
 @dataclass
@@ -387,6 +386,15 @@ class _RuleReader:
             self.problems.append(problem)
             return None
 
+    def _targets(self, value: object) -> tuple[Target, ...] | None:
+        """Every target, each bad one reported (not only the first)."""
+        texts = self.attempt(lambda: _target_texts(value))
+        if texts is None:
+            return None
+        parsed = [self.attempt(partial(_target, text)) for text in texts]
+        good = [t for t in parsed if t is not None]
+        return tuple(good) if len(good) == len(parsed) else None
+
     def missing(self, key: str, message: str) -> None:
         self.problems.append(_Invalid((), f"missing {key}: {message}"))
 
@@ -404,7 +412,7 @@ class _RuleReader:
                 self.attempt(lambda: _string(("description",), table["description"], "a string"))
                 or ""
             )
-        targets = self.attempt(lambda: _targets(table["target"])) if "target" in table else None
+        targets = self._targets(table["target"]) if "target" in table else None
         if "target" not in table:
             self.missing(
                 "target", 'give target = ["RUNTIME:NAME", ...] such as "lxc:homeassistant"'
