@@ -10,6 +10,7 @@ are JSON-ready dicts: they live in the ledger.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from hotrelay.effectors.cgroup_v2 import V2Grant, render_rule
 from hotrelay.effectors.cgroups import DeviceGrants, GrantRecord
 from hotrelay.effectors.devnode import DeviceNodes, NodeRecord, SymlinkRecord
 from hotrelay.effectors.netdev import MovedNetdev, NetdevMover
-from hotrelay.effectors.nshelper import NamespaceHelpers, TargetExistsError
+from hotrelay.effectors.nshelper import InjectionError, NamespaceHelpers, TargetExistsError
 from hotrelay.effectors.uevent_inject import UeventInjector
 from hotrelay.runtimes.names import resolve_owner_async
 
@@ -205,6 +206,16 @@ class _InContainer:
     async def notify(self, action: Any) -> None:
         raise EffectorError(f"{action.describe()}: not a one-off action")
 
+    async def _undo_inside(self, container: ContainerRef, undo: Awaitable[object]) -> None:
+        """Run an undo inside the container; if the container stopped meanwhile, what we
+        made there went with its namespaces, so the undo is done, not failed."""
+        try:
+            await undo
+        except InjectionError:
+            if _alive(container):
+                raise
+            log.debug("%s stopped during an undo: nothing left to undo there", container.target)
+
 
 class NodeEffector(_InContainer):
     """MakeNode: the device node in the container's /dev, with its owner and mode."""
@@ -279,7 +290,8 @@ class NodeEffector(_InContainer):
         if container is None:
             return  # gone with the container's mount namespace
         if "node" in record:
-            await self._nodes.remove_node(container, NodeRecord.from_json(record["node"]))
+            node = NodeRecord.from_json(record["node"])
+            await self._undo_inside(container, self._nodes.remove_node(container, node))
         elif "path" in record and not record.get("existed"):
             # Pending: made or not, we cannot tell. Removed only if it is exactly this
             # device (remove_node leaves anything else alone); our directories stay.
@@ -294,7 +306,7 @@ class NodeEffector(_InContainer):
                 gid=0,
                 method=self._nodes.method_for(container),
             )
-            await self._nodes.remove_node(container, pending)
+            await self._undo_inside(container, self._nodes.remove_node(container, pending))
 
 
 class SymlinkEffector(_InContainer):
@@ -321,10 +333,11 @@ class SymlinkEffector(_InContainer):
         if container is None:
             return
         if "symlink" in record:
-            await self._nodes.remove_symlink(container, SymlinkRecord.from_json(record["symlink"]))
+            link = SymlinkRecord.from_json(record["symlink"])
+            await self._undo_inside(container, self._nodes.remove_symlink(container, link))
         elif "path" in record and not record.get("existed"):
             pending = SymlinkRecord(container.target, str(record["path"]), str(record["target"]))
-            await self._nodes.remove_symlink(container, pending)
+            await self._undo_inside(container, self._nodes.remove_symlink(container, pending))
 
 
 class InjectEffector(_InContainer):
@@ -356,7 +369,10 @@ class InjectEffector(_InContainer):
             return  # nobody inside heard the add (or nobody is left to hear the remove)
         uevent = Uevent.from_properties(record["uevent"]).replace(ACTION="remove", SEQNUM=None)
         wire = None if record.get("wire") is None else Wire(record["wire"])
-        await self._injector.inject(container, uevent, wire=wire, devlinks=_devlinks(uevent))
+        await self._undo_inside(
+            container,
+            self._injector.inject(container, uevent, wire=wire, devlinks=_devlinks(uevent)),
+        )
 
     async def notify(self, action: InjectUevent) -> None:
         await self._injector.inject(

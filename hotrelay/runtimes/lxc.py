@@ -10,7 +10,8 @@ LXC emits no events we can subscribe to without starting its ``lxc-monitord``. E
 come from the pidfd; starts are noticed by a cheap fingerprint: every running LXC
 container's monitor listens on the abstract unix socket ``@LXCPATH/NAME/command``,
 which the host's /proc/net/unix lists, so reading that one file tells when the set of
-running containers changed.
+running containers changed; with each socket's inode, it also tells a container
+stopped and started again within one poll (same name, new socket).
 
 What those tools say is not taken on trust. They ask the container's monitor over that
 abstract socket, and any host user can bind the name of a stopped container's socket,
@@ -27,7 +28,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 
 import trio
@@ -44,6 +45,7 @@ __all__ = [
     "ClaimRefused",
     "LxcAdapter",
     "command_socket_name",
+    "command_sockets",
     "parse_config_items",
     "parse_idmap_items",
     "read_config_idmap",
@@ -60,6 +62,29 @@ CONFIG_KEYS = (
     "lxc.cgroup2.devices.allow",
 )
 PROC_NET_UNIX = Path("/proc/net/unix")
+
+
+def command_sockets(
+    proc_net_unix: str, lxcpaths: Iterable[str | Path]
+) -> frozenset[tuple[str, str]]:
+    """(name, inode) of each LXC command socket in /proc/net/unix's text.
+
+    The inode, not only the name: a container stopped and started again within one
+    poll (``lxc-stop -k; lxc-start``) has a socket of the same name, but a new one.
+    """
+    prefixes = (*(f"@{path}/" for path in lxcpaths), "@lxc/")
+    sockets = set()
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) < 8:
+            continue
+        name = fields[-1]
+        if name.endswith("/command") and name.startswith(prefixes):
+            sockets.add((name, fields[6]))
+    return frozenset(sockets)
+
+
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 DEVICES_ROOT = Path("/sys/fs/cgroup/devices")
 # LXC's sockaddr_un.sun_path less the leading NUL and the NUL LXC writes after the name.
@@ -379,11 +404,4 @@ class LxcAdapter(Adapter):
     async def poll_fingerprint(self) -> Hashable:
         """The LXC command sockets that exist now (see the module docstring)."""
         text = await trio.to_thread.run_sync(PROC_NET_UNIX.read_text, "utf-8", "surrogateescape")
-        prefixes = (*(f"@{path}/" for path in self.lxcpaths), "@lxc/")
-        sockets = set()
-        for line in text.splitlines()[1:]:
-            fields = line.split()
-            name = fields[-1] if len(fields) >= 8 else ""
-            if name.endswith("/command") and name.startswith(prefixes):
-                sockets.add(name)
-        return frozenset(sockets)
+        return command_sockets(text, self.lxcpaths)

@@ -316,3 +316,22 @@ def test_cgroup_target_paths(given_path: str, normal: str) -> None:
 def test_cgroup_target_rejects_dot_dot() -> None:
     with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
         _normalize("/a/../b")
+
+
+PROC_NET_UNIX = """\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 31337 @/var/lib/lxc/ha/command
+0000000000000000: 00000002 00000000 00010000 0001 01 31338 @/var/lib/lxc/web/command
+0000000000000000: 00000002 00000000 00010000 0001 01 31339 @/elsewhere/x/command
+0000000000000000: 00000003 00000000 00000000 0001 03 12345
+"""
+
+
+def test_lxc_command_sockets_tell_a_fast_restart_by_the_inode() -> None:
+    from hotrelay.runtimes.lxc import command_sockets
+
+    before = command_sockets(PROC_NET_UNIX, ["/var/lib/lxc"])
+    assert before == {("@/var/lib/lxc/ha/command", "31337"), ("@/var/lib/lxc/web/command", "31338")}
+    # lxc-stop -k; lxc-start between two polls: the same name, a new socket.
+    restarted = PROC_NET_UNIX.replace(" 31337 ", " 40001 ")
+    assert command_sockets(restarted, ["/var/lib/lxc"]) != before
