@@ -192,7 +192,13 @@ class RunningDaemon:
         directory = self.state_dir / "ledger"
         if not directory.exists():
             return []
-        return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+        entries = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                entries.append(json.loads(path.read_text()))
+            except FileNotFoundError:
+                continue  # deleted between the listing and the read: undone meanwhile
+        return entries
 
     def close(self) -> None:
         self.stop()
