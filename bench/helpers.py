@@ -104,12 +104,17 @@ async def memory(count: int, zram: ZramDevice, state: Path) -> tuple[int, list[i
             assert helpers.fork_server_pid is not None
             server = uss_kib(helpers.fork_server_pid)
             each = [uss_kib(helper.helper_pid) for helper in helpers.running()]
-            # What the idle timeout leads to; the heal pass's node checks (tmpfs /dev)
-            # need no helper, so this is the steady state of containers holding devices.
+            # The heal pass's first node check takes a view of each tmpfs /dev (through
+            # the helper, once); after the idle timeout the helpers close and the checks
+            # need none: the steady state of containers holding devices.
+            for ref in refs:
+                await helpers.node_exists(ref, f"/dev/bench-mem/{zram.name}")
             await helpers.close_idle(now=float("inf"))
             for ref in refs:
                 if not await helpers.node_exists(ref, f"/dev/bench-mem/{zram.name}"):
                     raise RuntimeError(f"{ref.target}: the node is gone")
+            if helpers.running():
+                raise RuntimeError("a node check forked a helper again")
             idle = sum(uss_kib(pid) for pid in _pool_pids(helpers))
     return server, each, idle
 
