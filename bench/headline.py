@@ -303,7 +303,8 @@ def cost_report(result: StormResult) -> list[str]:
     idle, after = result.idle, result.after
     growth = after.rss_kb / idle.rss_kb - 1
     helpers = (
-        f"{idle.helpers} namespace helpers (one per container with a device; "
+        f"{idle.helpers} namespace helper processes (the fork server and one helper per "
+        "container used in the last 30 s; "
         f"{idle.helpers_rss_kb / 1024:.0f} MiB RSS, {idle.helpers_pss_kb / 1024:.0f} MiB PSS "
         "together)"
     )
@@ -318,7 +319,7 @@ def cost_report(result: StormResult) -> list[str]:
         f"| < {TARGET_IDLE_MB:.0f} MB: {_verdict(idle.rss_kb * 1024 < TARGET_IDLE_MB * 1e6)} |",
         f"| idle PSS (daemon process) | {idle.pss_kb / 1024:.1f} MiB | |",
         f"| idle CPU over {result.idle_seconds:.0f} s | {result.idle_cpu:.2%} of one CPU | |",
-        f"| namespace helpers | {idle.helpers} processes, "
+        f"| namespace helpers (fork server + helpers) | {idle.helpers} processes, "
         f"{idle.helpers_rss_kb / 1024:.0f} MiB RSS / {idle.helpers_pss_kb / 1024:.0f} MiB PSS | |",
         f"| RSS after the soak ({result.soak_events:,} uevents) | {after.rss_kb / 1024:.1f} MiB "
         f"| growth < {TARGET_GROWTH:.0%}: {growth:+.1%}, {_verdict(growth < TARGET_GROWTH)} |",

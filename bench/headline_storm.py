@@ -617,7 +617,9 @@ class Memory:
 
 
 def memory(pid: int) -> Memory:
-    helpers = [c for c in _children(pid) if "nshelper" in _cmdline(c)]
+    # The fork server (the daemon's child) and the helpers it forked (its children).
+    servers = [c for c in _children(pid) if "nshelper" in _cmdline(c)]
+    helpers = [*servers, *(h for server in servers for h in _children(server))]
     return Memory(
         _status_kb(pid, "VmRSS"),
         _pss_kb(pid),

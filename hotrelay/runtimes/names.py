@@ -98,6 +98,11 @@ def resolve_owner(
         if _names_in(user, group)
         else Accounts()
     )
+    return _owner(container, accounts, user, group)
+
+
+def _owner(container: ContainerRef, accounts: Accounts, user: str | int, group: str | int) -> Owner:
+    """Names (or numbers) to the container's ids, and those to the host's."""
     uid = accounts.uid(user)
     gid = accounts.gid(group)
     return Owner(
@@ -158,15 +163,7 @@ async def _resolve_through_helper(
                 "on a hung FUSE mount); its helper was killed"
             ) from None
         raise AccountFileError(str(exc)) from None
-    accounts = Accounts.parse(passwd, groups, where=container.target)
-    uid = accounts.uid(user)
-    gid = accounts.gid(group)
-    return Owner(
-        uid=uid,
-        gid=gid,
-        host_uid=to_host_id(container.uid_map, uid, IdKind.USER),
-        host_gid=to_host_id(container.gid_map, gid, IdKind.GROUP),
-    )
+    return _owner(container, Accounts.parse(passwd, groups, where=container.target), user, group)
 
 
 async def _resolve_in_thread(

@@ -397,28 +397,32 @@ class Confined:
             os.close(parent)
         return Created(tuple(created))
 
-    def _open_parent(self, path: str) -> tuple[int, str] | None:
-        """The parent of path, or None if it is gone (so is everything below it)."""
+    @contextlib.contextmanager
+    def _parent_of(
+        self, path: str, left: list[tuple[str, str]]
+    ) -> Iterator[tuple[int, str] | None]:
+        """The parent directory fd of path and the leaf name, closed afterwards; None if
+        it is gone (so is everything below it) or unsafe to walk (said in ``left``)."""
         try:
             parent, name, _ = self._walk(path, create=None)
         except FileNotFoundError:
-            return None
-        return parent, name
+            yield None
+            return
+        except OperationFailed as failed:
+            left.append((path, failed.failure.message))
+            yield None
+            return
+        try:
+            yield parent, name
+        finally:
+            os.close(parent)
 
     def remove_node(self, request: RemoveNode) -> Removed:
         removed: list[str] = []
         left: list[tuple[str, str]] = []
-        try:
-            opened = self._open_parent(request.path)
-        except OperationFailed as failed:
-            opened = None
-            left.append((request.path, failed.failure.message))
-        if opened is not None:
-            parent, name = opened
-            try:
-                self._remove_leaf_node(parent, name, request, removed, left)
-            finally:
-                os.close(parent)
+        with self._parent_of(request.path, left) as opened:
+            if opened is not None:
+                self._remove_leaf_node(*opened, request, removed, left)
         left += self._remove_dirs(request.dirs)
         return _removed(removed, left)
 
@@ -453,14 +457,9 @@ class Confined:
     def remove_symlink(self, request: RemoveSymlink) -> Removed:
         removed: list[str] = []
         left: list[tuple[str, str]] = []
-        try:
-            opened = self._open_parent(request.path)
-        except OperationFailed as failed:
-            opened = None
-            left.append((request.path, failed.failure.message))
-        if opened is not None:
-            parent, name = opened
-            try:
+        with self._parent_of(request.path, left) as opened:
+            if opened is not None:
+                parent, name = opened
                 st = _lstat(parent, name)
                 link = _readlink(parent, name)
                 if st is not None and stat.S_ISLNK(st.st_mode) and link == request.target:
@@ -468,8 +467,6 @@ class Confined:
                     removed.append(request.path)
                 elif st is not None:
                     left.append((request.path, f"is now {_describe(st, link)}; left alone"))
-            finally:
-                os.close(parent)
         left += self._remove_dirs(request.dirs)
         return _removed(removed, left)
 
