@@ -441,18 +441,21 @@ class Daemon:
         await self._resync_devices("start")
 
     def _follow_targets(self, rules: RuleSet) -> list[Adapter]:
-        """pid: and cgroup: targets are watched because a rule names them; the adapters
-        that follow targets are returned (after a reload they list again)."""
+        """pid: and cgroup: targets are watched because a rule names them, and only while
+        one does (a detached ``pid:`` attach is no container of ours any more); the
+        adapters that follow targets are returned (after a reload they list again)."""
         following = []
         for adapter in self._runtimes:
-            follow = getattr(adapter, "follow", None)
-            if follow is None:
+            follow_only = getattr(adapter, "follow_only", None)
+            if follow_only is None:
                 continue
             following.append(adapter)
-            for rule in rules:
-                for target in rule.targets:
-                    if target.runtime is adapter.runtime:
-                        follow(target.pattern)
+            follow_only(
+                target.pattern
+                for rule in rules
+                for target in rule.targets
+                if target.runtime is adapter.runtime
+            )
         return following
 
     async def running_containers(self, target: Target) -> list[ContainerRef]:

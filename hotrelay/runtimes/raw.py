@@ -88,6 +88,13 @@ class PidAdapter(Adapter):
     def unfollow(self, pid: int | str) -> None:
         self._followed.pop(_pid(pid)[0], None)
 
+    def follow_only(self, pids: Iterable[int | str]) -> None:
+        """Follow exactly these (a reload): a pid no rule names any more is dropped, so
+        its container stops being reported (and leaves ``status``). Pins are kept."""
+        self._followed = {}
+        for pid in pids:
+            self.follow(pid)
+
     def _snapshot(self, pid: int, start: int | None = None) -> ContainerRef | None:
         try:
             actual = parse_stat_start_time(Path(f"/proc/{pid}/stat").read_text())
@@ -223,6 +230,10 @@ class CgroupAdapter(Adapter):
 
     def unfollow(self, path: str) -> None:
         self._followed.discard(_normalize(path))
+
+    def follow_only(self, paths: Iterable[str]) -> None:
+        """Follow exactly these (a reload): see :meth:`PidAdapter.follow_only`."""
+        self._followed = {_normalize(path) for path in paths}
 
     def _hierarchies(self) -> list[Path]:
         roots = [self.cgroup_root / "unified", self.cgroup_root / "devices"]

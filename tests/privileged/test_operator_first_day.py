@@ -168,6 +168,10 @@ def test_attach_says_no_for_what_does_not_exist_and_shows_what_it_holds() -> Non
         assert undone.returncode == 0, undone.stderr
         eventually(lambda: inside_state(box, ["/dev/zigbee"])["/dev/zigbee"] == "absent")
         assert daemon.status()["attached"] == []
+        # No rule names that pid any more: status stops listing it as a container.
+        eventually(
+            lambda: all(c["pid"] != box.pid for c in daemon.status()["containers"]), timeout=5
+        )
 
 
 def test_a_target_that_names_no_running_container_is_said_in_status_and_explain() -> None:
