@@ -328,6 +328,8 @@ async def run_daemon(options: RunOptions) -> int:
             await _wait_for_stop_signal()
             notifier.stopping()
             log.info("hotrelay: stopping")
+            # revoke_on_exit is a plan like any other: run while the executor still runs.
+            await daemon.stop()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

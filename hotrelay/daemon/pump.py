@@ -138,7 +138,14 @@ class _Resync:
     reason: str
 
 
-_Input = Sequence[SourceItem] | ContainerEvent | JobResult | _Tick | _Reload | _Resync
+@dataclass(frozen=True, slots=True)
+class _RevokeAll:
+    """Stopping with revoke_on_exit: from now on no container is ours."""
+
+    done: trio.Event
+
+
+_Input = Sequence[SourceItem] | ContainerEvent | JobResult | _Tick | _Reload | _Resync | _RevokeAll
 
 
 @dataclass(slots=True)
@@ -194,6 +201,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.executor: Executor | None = None
         self._settled = trio.Event()
+        self._revoking = False
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -247,19 +255,27 @@ class Daemon:
                     nursery.cancel_scope.cancel()
 
     async def _shutdown(self) -> None:
+        if self.options.revoke_on_exit and self.relay.applied:
+            # stop() did not run (or ran out of time): the executor is gone by now.
+            log.error(
+                "revoke-on-exit: %d bindings not revoked; they are in the ledger, and the "
+                "next start undoes what the rules no longer want",
+                len(self.relay.applied),
+            )
+
+    async def stop(self) -> bool:
+        """Before the daemon is cancelled: with revoke_on_exit, undo every binding while
+        the pump and the executor still run. True if all were undone in time."""
         if not self.options.revoke_on_exit:
-            return
-        # Revoke everything: with no containers, nothing is desired.
-        self.relay.resync_containers([])
+            return True
+        done = trio.Event()
+        await self._send.send(_RevokeAll(done))
+        await done.wait()
         with trio.move_on_after(self.options.exit_timeout):
-            self._dispatch(self.relay.next_jobs())
-            while not self.relay.is_settled():
-                item = await self._receive.receive()
-                if isinstance(item, JobResult):
-                    self.relay.job_done(item.job, error=item.error, leftover=item.leftover)
-                    self._dispatch(self.relay.next_jobs())
-        if not self.relay.is_settled():
-            log.error("revoke-on-exit: %d bindings not revoked in time", len(self.relay.applied))
+            await self.wait_settled()
+            log.info("revoke-on-exit: every binding undone")
+            return True
+        return False
 
     async def _forward(self, receive: trio.MemoryReceiveChannel[_Input]) -> None:
         async for item in receive:
@@ -347,6 +363,10 @@ class Daemon:
             await self._reload(item)
         elif isinstance(item, _Resync):
             await self._resync_devices(item.reason)
+        elif isinstance(item, _RevokeAll):
+            self._revoking = True
+            relay.resync_containers([])  # nothing is desired without containers
+            item.done.set()
         else:
             await self._events(item)
 
@@ -481,6 +501,8 @@ class Daemon:
 
     def _container_event(self, event: ContainerEvent) -> None:
         ref = event.container
+        if self._revoking:
+            return  # stopping with revoke_on_exit: no container is ours any more
         if isinstance(event, ContainerStarted):
             log.info("container %s started (pid %d)", ref.target, ref.pid)
             self.relay.container_started(ref)

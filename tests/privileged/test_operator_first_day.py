@@ -233,3 +233,27 @@ def test_a_fast_lxc_restart_gets_its_device_back_within_a_second(
             assert took < 3, f"attempt {attempt}: {took:.2f} s"
         errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
         assert errors == [], errors
+
+
+def test_revoke_on_exit_revokes_everything_and_exits_0() -> None:
+    """`hotrelay run --revoke-on-exit` used to revoke nothing (the executor was already
+    cancelled: "Nursery is closed to new arrivals", or "not revoked in time")."""
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        boxes = [Sandbox.create(devices="default-deny", name_prefix="roe") for _ in range(2)]
+        for box in boxes:
+            stack.callback(box.close)
+        rule = zram_rules(*(f"pid:{box.pid}" for box in boxes), kernel=zram.name)
+        daemon = RunningDaemon(rule, extra_args=("--revoke-on-exit",))
+        stack.callback(daemon.close)
+        daemon.start()
+        node = f"/dev/disks/{zram.name}"
+        for box in boxes:
+            eventually(partial(ok_inside, box, node), timeout=5)
+        assert daemon.stop() == 0
+        for box in boxes:
+            assert not grant_listed(box, zram)
+            assert inside_state(box, [node])[node] == "absent"
+        assert daemon.ledger() == []
+        assert "revoke-on-exit: every binding undone" in daemon.log()
+        assert "Traceback" not in daemon.log()
