@@ -264,6 +264,11 @@ class DaemonControl:
             kind = Runtime(runtime)
         except ValueError:
             raise ControlError(f"refresh: unknown runtime {runtime!r}") from None
+        if not self._daemon.runtime_enabled(kind):
+            raise ControlError(
+                f"refresh: the {runtime} runtime is not enabled in this daemon "
+                "(see [runtimes] in the config)"
+            )
         # Answer at once: LXC runs its hook synchronously, so asking LXC about this
         # container now would wait for the hook, i.e. for us.
         self._nursery.start_soon(self._daemon.refresh_container, kind, name)

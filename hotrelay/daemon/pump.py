@@ -492,6 +492,9 @@ class Daemon:
             "(see [runtimes] in the config)"
         )
 
+    def runtime_enabled(self, runtime: Runtime) -> bool:
+        return any(adapter.runtime is runtime for adapter in self._runtimes)
+
     async def refresh_container(self, runtime: Runtime, name: str) -> None:
         """Someone (the LXC hook) says a container changed: list that runtime again."""
         for adapter in self._runtimes:

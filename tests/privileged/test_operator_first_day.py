@@ -257,3 +257,12 @@ def test_revoke_on_exit_revokes_everything_and_exits_0() -> None:
         assert daemon.ledger() == []
         assert "revoke-on-exit: every binding undone" in daemon.log()
         assert "Traceback" not in daemon.log()
+
+
+def test_refresh_of_a_runtime_this_daemon_does_not_run_is_refused() -> None:
+    with RunningDaemon({}, config="[runtimes]\nenabled = []\n") as daemon:
+        result = hotrelay_cli(daemon, "refresh", "lxc", "anything")
+        assert result.returncode == 1
+        assert "the lxc runtime is not enabled" in result.stderr
+        scheduled = hotrelay_cli(daemon, "refresh", "pid", "1")  # pid: is always followed
+        assert scheduled.returncode == 0, scheduled.stderr

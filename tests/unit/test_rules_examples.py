@@ -8,7 +8,7 @@ import pytest
 
 from hotrelay.cli import main
 from hotrelay.core.plan import plan_for
-from hotrelay.core.rules import RecordedDevice, RuleSet
+from hotrelay.core.rules import RecordedDevice, RuleSet, RuleSetError
 from hotrelay.core.uevent import Uevent
 from hotrelay.rules_files import load_rules
 
@@ -133,3 +133,34 @@ def test_usb_nic_is_moved_and_renamed(examples: RuleSet) -> None:
     assert [a.describe() for a in plan_for(event, examples.match(event, netdev))] == [
         "move interface enx00e04c680001 into lxc:router as wan0"
     ]
+
+
+DOCS = [EXAMPLES.parent / "README.md", *sorted((EXAMPLES.parent / "docs").glob("*.md"))]
+
+
+def toml_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every ```toml block in a Markdown file."""
+    blocks, lines = [], path.read_text().splitlines()
+    start = None
+    for number, line in enumerate(lines, 1):
+        if line.strip() == "```toml":
+            start = number
+        elif line.strip() == "```" and start is not None:
+            blocks.append((start, "\n".join(lines[start : number - 1]) + "\n"))
+            start = None
+    return blocks
+
+
+def test_every_rule_example_in_the_readme_and_docs_loads() -> None:
+    """The rules users copy from the README and docs/ are valid as printed."""
+    checked = 0
+    for path in DOCS:
+        for line, text in toml_blocks(path):
+            if "[[rule]]" not in text:
+                continue
+            try:
+                RuleSet.from_texts([(f"{path.name}:{line}", text)])
+            except RuleSetError as exc:
+                raise AssertionError(f"{path.name}, block at line {line}: {exc}") from None
+            checked += 1
+    assert checked >= 3
