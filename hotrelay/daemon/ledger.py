@@ -9,6 +9,12 @@ point leaves either the old entry or the new one, never a torn one.
 
 One file per entry keeps every update O(1) however many grants exist, and lets a
 corrupt file (a disk error, a hand edit) cost only that entry, which is reported.
+
+The files are read once, when the ledger opens; from then on reads come from a copy in
+memory that every write updates after the file is durable (the bytes are kept, and
+parsed afresh on each read, so a caller's changes never reach the copy unwritten).
+The heal pass reads every entry every few seconds: from memory, not from thousands of
+files.
 """
 
 from __future__ import annotations
@@ -63,6 +69,13 @@ class Ledger:
             )
         self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._remove_stale_temporaries()
+        # file name -> the bytes on disk, for every readable entry (see the docstring).
+        self._mirror: dict[str, bytes] = {}
+        for name in sorted(os.listdir(self._dirfd)):
+            if name.endswith(_SUFFIX) and not name.startswith(_TMP_PREFIX):
+                body = self._read_file(name)
+                if body is not None and self._parse(name, body) is not None:
+                    self._mirror[name] = body
 
     def close(self) -> None:
         if self._dirfd >= 0:
@@ -105,34 +118,46 @@ class Ledger:
             os.close(fd)
         os.rename(tmp, final, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
         os.fsync(self._dirfd)
+        self._mirror[final] = body
 
     def delete(self, key: str) -> None:
         """Forget ``key`` durably; deleting an absent key is not an error."""
+        name = _filename(key)
         try:
-            os.unlink(_filename(key), dir_fd=self._dirfd)
+            os.unlink(name, dir_fd=self._dirfd)
         except FileNotFoundError:
+            self._mirror.pop(name, None)
             return
         os.fsync(self._dirfd)
+        self._mirror.pop(name, None)
 
     def get(self, key: str) -> LedgerEntry | None:
-        return self._read(_filename(key))
+        name = _filename(key)
+        body = self._mirror.get(name)
+        return None if body is None else self._parse(name, body)
 
     def entries(self) -> Iterator[LedgerEntry]:
-        """Every readable entry; an unreadable one is logged and skipped, never fatal."""
-        for name in sorted(os.listdir(self._dirfd)):
-            if name.endswith(_SUFFIX) and not name.startswith(_TMP_PREFIX):
-                entry = self._read(name)
-                if entry is not None:
-                    yield entry
+        """Every readable entry (an unreadable file was reported when the ledger opened)."""
+        for name in sorted(self._mirror):
+            entry = self._parse(name, self._mirror[name])
+            if entry is not None:
+                yield entry
 
-    def _read(self, name: str) -> LedgerEntry | None:
+    def _read_file(self, name: str) -> bytes | None:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._dirfd)
         except FileNotFoundError:
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                data = json.loads(f.read(1 << 20))
+                return f.read(1 << 20)
+        except OSError as exc:
+            log.error("ledger %s/%s unreadable, ignored: %s", self.directory, name, exc)
+            return None
+
+    def _parse(self, name: str, body: bytes) -> LedgerEntry | None:
+        try:
+            data = json.loads(body)
             entry = LedgerEntry(key=data["key"], kind=data["kind"], record=data["record"])
             if not isinstance(entry.key, str) or not isinstance(entry.kind, str):
                 raise TypeError("key and kind must be strings")

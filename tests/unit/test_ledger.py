@@ -81,3 +81,25 @@ def test_entries_put_by_a_process_killed_with_sigkill_are_all_there(tmp_path: Pa
     with Ledger(state) as ledger:
         assert sorted(e.record["i"] for e in ledger.entries()) == list(range(50))
     assert [n for n in os.listdir(state) if n.startswith(".tmp-")] == []
+
+
+def test_read_once_then_from_memory_and_a_callers_change_stays_its_own(tmp_path: Path) -> None:
+    state = tmp_path / "ledger"
+    with Ledger(state) as ledger:
+        ledger.put(LedgerEntry("a", "binding", {"steps": [1]}))
+    with Ledger(state) as ledger:
+        # Read once when it opened: the heal pass never goes back to the files.
+        for name in os.listdir(state):
+            os.unlink(state / name)
+        entry = ledger.get("a")
+        assert entry is not None
+        entry.record["steps"].append(2)  # changed, not written
+        again = ledger.get("a")
+        assert again is not None
+        assert again.record == {"steps": [1]}
+        assert [e.key for e in ledger.entries()] == ["a"]
+        ledger.put(LedgerEntry("b", "binding", {}))
+        ledger.delete("a")
+        assert [e.key for e in ledger.entries()] == ["b"]
+    with Ledger(state) as ledger:
+        assert [e.key for e in ledger.entries()] == ["b"]  # and on disk too
