@@ -85,7 +85,16 @@ def _explain(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from hotrelay.rules_cli import run_simulate
 
-    return run_simulate(args.uevent_file, args.rules, args.sysfs, args.json, sys.stdout, sys.stderr)
+    return run_simulate(
+        args.uevent_file,
+        args.rules,
+        args.sysfs,
+        args.json,
+        sys.stdout,
+        sys.stderr,
+        socket=args.socket,
+        config=args.config,
+    )
 
 
 def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,19 +124,7 @@ def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "that would receive the device.",
     )
     explain.add_argument("device", metavar="DEVICE", help="/dev/NODE or /sys/... device path")
-    explain.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        help="ask this daemon which containers would receive it (default: the config's)",
-    )
-    explain.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="the config whose runtimes to ask when no daemon runs "
-        "(default /etc/hotrelay/hotrelay.toml)",
-    )
+
     simulate = verbs.add_parser(
         "simulate",
         help="print the actions a captured uevent would cause (changes nothing)",
@@ -151,6 +148,19 @@ def _add_rule_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
             help="read devices from this sysfs tree (default /sys)",
         )
         parser.add_argument("--json", action="store_true", help="one JSON document")
+        parser.add_argument(
+            "--socket",
+            type=Path,
+            metavar="PATH",
+            help="ask this daemon which containers run (default: the config's socket)",
+        )
+        parser.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help="the config whose runtimes to ask when no daemon runs "
+            "(default /etc/hotrelay/hotrelay.toml)",
+        )
     explain.set_defaults(func=_explain)
     simulate.set_defaults(func=_simulate)
 

@@ -22,7 +22,7 @@ from hotrelay.core.rules import Target
 from hotrelay.core.rules.model import parse_pid_target
 from hotrelay.errors import HotrelayError
 
-__all__ = ["Receivers", "resolve_receivers"]
+__all__ = ["Receivers", "resolve_containers", "resolve_receivers"]
 
 NOTHING_RUNNING = "no running container has this name (stopped? a typo?)"
 
@@ -41,7 +41,7 @@ class Receivers:
         }
 
 
-def _from_status(target: Target, status: dict[str, Any]) -> Receivers:
+def _refs_from_status(status: dict[str, Any]) -> list[ContainerRef]:
     refs = []
     for c in status.get("containers", []):
         try:
@@ -52,8 +52,52 @@ def _from_status(target: Target, status: dict[str, Any]) -> Receivers:
             refs.append(ContainerRef(runtime, str(c["name"]), int(c["pid"]), start_time=start))
         except (KeyError, ValueError, TypeError):
             continue
+    return refs
+
+
+def _from_status(target: Target, status: dict[str, Any]) -> Receivers:
+    refs = _refs_from_status(status)
     chosen = tuple(f"{ref.target} (pid {ref.pid})" for ref in refs if target.selects(ref))
     return Receivers(str(target), chosen, None if chosen else NOTHING_RUNNING)
+
+
+async def _refs_from_runtimes(targets: list[Target], config: Path) -> list[ContainerRef]:
+    from hotrelay.daemon.main import build_adapters, load_config
+
+    try:
+        adapters = build_adapters(load_config(config).runtimes)
+    except (ConfigError, HotrelayError):
+        return []
+    refs: dict[tuple[object, str], ContainerRef] = {}
+    for target in targets:
+        for adapter in adapters:
+            if adapter.runtime is target.runtime:
+                try:
+                    found = await adapter.resolve(target.pattern)
+                except (OSError, ValueError):
+                    continue
+                refs.update((ref.key, ref) for ref in found if target.selects(ref))
+    return list(refs.values())
+
+
+def resolve_containers(
+    targets: list[Target], *, socket: Path, config: Path
+) -> tuple[str, list[ContainerRef]]:
+    """("daemon" or "runtimes", the running containers the targets name)."""
+    status = _daemon_status(socket)
+    if status is not None:
+        refs = _refs_from_status(status)
+        return "daemon", [r for r in refs if any(t.selects(r) for t in targets)]
+    return "runtimes", trio.run(_refs_from_runtimes, targets, config)
+
+
+def _daemon_status(socket: Path) -> dict[str, Any] | None:
+    try:
+        with ControlClient(socket, timeout=5) as client:
+            status = client.request("status")
+    except (ControlError, OSError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 async def _from_runtimes(targets: list[Target], config: Path) -> list[Receivers]:
@@ -89,11 +133,7 @@ def resolve_receivers(
     targets: list[Target], *, socket: Path, config: Path
 ) -> tuple[str, list[Receivers]]:
     """("daemon" or "runtimes", the receivers of each target)."""
-    try:
-        with ControlClient(socket, timeout=5) as client:
-            status = client.request("status")
-    except (ControlError, OSError):
-        status = None
-    if isinstance(status, dict):
+    status = _daemon_status(socket)
+    if status is not None:
         return "daemon", [_from_status(t, status) for t in targets]
     return "runtimes", trio.run(_from_runtimes, targets, config)

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from hotrelay.core.plan import action_to_dict, plan_for
+from hotrelay.core.containers import ContainerRef
+from hotrelay.core.plan import Action, action_to_dict, plan_for
+from hotrelay.core.relay import Relay
 from hotrelay.core.rules import Rule, RuleSet, RuleSetError, Verdict
 from hotrelay.core.uevent import Uevent, UeventParseError, Wire, parse
 from hotrelay.errors import HotrelayError
@@ -272,10 +274,36 @@ def read_uevent_file(path: Path) -> Uevent:
     return _parse_text(data, str(path))
 
 
+def _relay_plan(
+    rules: RuleSet, event: Uevent, device: SysfsDevice | None, containers: list[ContainerRef]
+) -> list[Action]:
+    """What the daemon's relay would do for an add (or change) of this device, into
+    these running containers: the same planner, grant sharing and container-side
+    paths as the daemon, with nothing carried out."""
+    relay = Relay(rules)
+    for container in containers:
+        relay.container_started(container)
+    relay.device_event(event, device)
+    bindings = sorted(relay.desired.values(), key=lambda b: str(b.key))
+    return [action for binding in bindings for action in binding.actions]
+
+
 def run_simulate(
-    uevent_file: Path, rules_dir: Path, sysfs: Path, as_json: bool, out: TextIO, err: TextIO
+    uevent_file: Path,
+    rules_dir: Path,
+    sysfs: Path,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+    *,
+    socket: Path | None = None,
+    config: Path | None = None,
 ) -> int:
     """The plan for one captured uevent; changes nothing."""
+    from hotrelay.control_cli import default_socket
+    from hotrelay.core.config import DEFAULT_CONFIG_PATH
+    from hotrelay.receivers import resolve_containers
+
     event = read_uevent_file(uevent_file)
     rules = _load([rules_dir], err)
     # Attributes come from this host's sysfs when the device is here; a capture from
@@ -285,7 +313,21 @@ def run_simulate(
     if (syspath / "uevent").is_file():
         device = SysfsDevice.from_syspath(syspath, sysfs)
     matched = rules.match(event, device)
-    actions = plan_for(event, matched)
+    resolved: str = "none"
+    containers: list[ContainerRef] = []
+    wanted = list(dict.fromkeys(t for r in matched for t in r.targets))
+    if wanted and event.action != "remove":
+        # The containers running now, as explain finds them: then the plan is the
+        # relay's own, exactly what the daemon would run.
+        config = config or Path(DEFAULT_CONFIG_PATH)
+        resolved, containers = resolve_containers(
+            wanted, socket=socket or default_socket(config), config=config
+        )
+    if containers:
+        actions = _relay_plan(rules, event, device, containers)
+    else:
+        resolved = "none"
+        actions = plan_for(event, matched)
     if as_json:
         report = {
             "event": {
@@ -298,6 +340,7 @@ def run_simulate(
             },
             "sysfs": device is not None,
             "matched": [{"name": r.name, "source": str(r.source)} for r in matched],
+            "containers_resolved": resolved,
             "actions": [action_to_dict(a) for a in actions],
         }
         print(json.dumps(report, indent=2), file=out)
@@ -317,7 +360,11 @@ def run_simulate(
         print("no actions for this event", file=out)
     else:
         plural = "s" if len(actions) != 1 else ""
-        print(f"plan ({len(actions)} action{plural}, nothing was changed):", file=out)
+        whose = {
+            "daemon": "the running containers, as the daemon knows them",
+            "runtimes": "the running containers, asked of the runtimes",
+        }.get(resolved, "target patterns: no running container resolved")
+        print(f"plan ({len(actions)} action{plural}, nothing was changed; {whose}):", file=out)
         for number, action in enumerate(actions, 1):
             print(f"  {number}. {action.describe()}  [rule {action.origin}]", file=out)
     return 0

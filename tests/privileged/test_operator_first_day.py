@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -266,3 +267,45 @@ def test_refresh_of_a_runtime_this_daemon_does_not_run_is_refused() -> None:
         assert "the lxc runtime is not enabled" in result.stderr
         scheduled = hotrelay_cli(daemon, "refresh", "pid", "1")  # pid: is always followed
         assert scheduled.returncode == 0, scheduled.stderr
+
+
+def test_simulate_plans_exactly_what_the_daemon_did() -> None:
+    """The dry run is the run: `simulate` on the event the daemon relayed lists the very
+    steps the daemon recorded in its ledger, in order (grant sharing and container-side
+    paths included)."""
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create(devices="default-deny", name_prefix="sim")
+        stack.callback(box.close)
+        rules = {
+            **zram_rules(f"pid:{box.pid}", kernel=zram.name),
+            # A second rule for the same device: the daemon grants once (shared).
+            **zram_rules(f"pid:{box.pid}", kernel=zram.name, path="/dev/again/{kernel}", name="b"),
+        }
+        daemon = stack.enter_context(RunningDaemon(rules))
+        eventually(partial(ok_inside, box, f"/dev/disks/{zram.name}"), timeout=5)
+        eventually(
+            lambda: len([e for e in daemon.ledger() if e["record"]["complete"]]) == 2, timeout=5
+        )
+        recorded = [
+            step["describe"]
+            for entry in sorted(daemon.ledger(), key=lambda e: e["key"])
+            for step in entry["record"]["steps"]
+        ]
+        capture = daemon.workdir / "event.txt"
+        capture.write_text(
+            f"ACTION=add\nDEVPATH={zram.devpath}\nSUBSYSTEM=block\nDEVTYPE=disk\n"
+            f"DEVNAME={zram.name}\nMAJOR={zram.major}\nMINOR={zram.minor}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "hotrelay", "simulate", "--json", "--rules",
+             str(daemon.rules_dir), "--socket", str(daemon.socket), str(capture)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["containers_resolved"] == "daemon"
+        planned = [action["describe"] for action in report["actions"]]
+        assert planned == recorded, (planned, recorded)
+        assert len(planned) >= 5
+        assert sum(p.startswith("grant ") for p in planned) == 1  # shared, as the daemon did

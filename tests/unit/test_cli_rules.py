@@ -251,6 +251,7 @@ def test_simulate_a_kernel_capture(
         "--sysfs",
         str(tmp_path),
         str(GOLDEN / "kernel-zram-add.bin"),
+        *no_runtimes(tmp_path),
     ]
     code, out, err = run(argv, capsys)
     assert (code, err) == (0, "")
@@ -258,7 +259,7 @@ def test_simulate_a_kernel_capture(
         "event add /devices/virtual/block/zram1 (block, kernel wire, seqnum 820), not present "
         "here: matching on its properties only",
         f"matched zram ({rules_dir}/10-test.toml:1)",
-        "plan (8 actions, nothing was changed):",
+        "plan (8 actions, nothing was changed; target patterns: no running container resolved):",
         "  1. grant b 253:1 rwm to lxc:test  [rule zram]",
         "  2. create /dev/zram1 (b 253:1, mode 0600, owner 0, group 0) in lxc:test  [rule zram]",
         "  3. symlink /dev/disk/by-hr/zram1 -> ../../zram1 in lxc:test  [rule zram]",
@@ -283,6 +284,7 @@ def test_simulate_reads_attributes_from_sysfs_when_present(
         "E: DEVNAME=/dev/zram1\nE: MAJOR=252\nE: MINOR=1\nE: USEC_INITIALIZED=5\n"
     )
     argv = ["simulate", "--rules", str(rules_dir), "--sysfs", str(sysfs), "--json", str(event)]
+    argv += no_runtimes(tmp_path)
     code, out, _ = run(argv, capsys)
     assert code == 0
     report = json.loads(out)
@@ -318,6 +320,7 @@ def test_simulate_a_remove_and_a_net_event(
     capture = tmp_path / "nic.bin"
     capture.write_bytes(serialize(nic))
     argv = ["simulate", "--rules", str(rules_dir), "--sysfs", str(tmp_path), str(capture)]
+    argv[1:1] = no_runtimes(tmp_path)
     code, out, _ = run(argv, capsys)
     assert code == 0
     assert out.splitlines()[-1] == "  1. move interface hrt1 into lxc:router as wan0  [rule nic]"
