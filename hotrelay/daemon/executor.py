@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -240,6 +240,28 @@ class Executor:
 
     def _write(self, key: BindingKey, entry: Record) -> None:
         self._ledger.put(LedgerEntry(str(key), "binding", entry))
+
+    def record_heals(self, heals: Sequence[tuple[str, int, str, Record]]) -> int:
+        """Keep the new records of steps the heal pass re-did: (ledger key, step index,
+        step kind, record). The executor is the ledger's only writer; a step that is no
+        longer there as it was (a job changed the entry meanwhile) is skipped. Each
+        entry is written once; how many steps were kept."""
+        by_key: dict[str, list[tuple[int, str, Record]]] = {}
+        for key, index, kind, record in heals:
+            by_key.setdefault(key, []).append((index, kind, record))
+        kept = 0
+        for key, changes in by_key.items():
+            current = self._ledger.get(key)
+            if current is None:
+                continue
+            entry = dict(current.record)
+            steps = entry.get("steps", [])
+            for index, kind, record in changes:
+                if index < len(steps) and steps[index].get("kind") == kind:
+                    steps[index]["record"] = record
+                    kept += 1
+            self._ledger.put(LedgerEntry(key, current.kind, entry))
+        return kept
 
     async def _apply(self, job: ApplyJob) -> JobResult:
         binding = job.binding

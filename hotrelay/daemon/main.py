@@ -37,7 +37,7 @@ from hotrelay.daemon.effectors import (
     SymlinkEffector,
 )
 from hotrelay.daemon.executor import Effector, Executor, key_from_record
-from hotrelay.daemon.ledger import Ledger, LedgerEntry
+from hotrelay.daemon.ledger import Ledger
 from hotrelay.daemon.logging_setup import setup_logging
 from hotrelay.daemon.metrics import DaemonMetrics, serve_metrics
 from hotrelay.daemon.pump import Daemon, DaemonOptions
@@ -190,37 +190,41 @@ async def _heal(
         else:
             busy.add((key.runtime.value, key.container))
     grants = [
-        (entry, step)
+        (entry.key, index, step)
         for key, entry in entries
         if (key.runtime.value, key.container) not in busy
-        for step in entry.record.get("steps", [])
+        for index, step in enumerate(entry.record.get("steps", []))
         if step.get("kind") == "GrantDevice" and "grant" in step.get("record", {})
     ]
     heals = 0
     if grants:
         # No await from the ledger read to the write below: no job's write comes between.
-        records, healed, errors = cgroups.reconcile([step["record"] for _, step in grants])
+        records, healed, errors = cgroups.reconcile([step["record"] for _, _, step in grants])
         for error in errors:
             log.error("heal: %s", error)
         heals += healed
         if healed:
-            changed: dict[str, LedgerEntry] = {}
-            for (entry, step), record in zip(grants, records, strict=True):
-                step["record"] = record
-                changed[entry.key] = entry
-            for entry in changed.values():
-                ledger.put(entry)
+            executor.record_heals(
+                [
+                    (key, index, "GrantDevice", record)
+                    for (key, index, _), record in zip(grants, records, strict=True)
+                ]
+            )
     with_nodes: dict[tuple[Runtime, str], list[str]] = {}
     for key, entry in entries:
         if any(step.get("kind") == "MakeNode" for step in entry.record.get("steps", [])):
             with_nodes.setdefault((key.runtime, key.container), []).append(entry.key)
     for container, keys in with_nodes.items():
-        executor.submit_task(container, partial(_heal_nodes, nodes, ledger, keys, count))
+        executor.submit_task(container, partial(_heal_nodes, nodes, ledger, executor, keys, count))
     return heals
 
 
 async def _heal_nodes(
-    nodes: NodeEffector, ledger: Ledger, keys: list[str], count: Callable[[int], None]
+    nodes: NodeEffector,
+    ledger: Ledger,
+    executor: Executor,
+    keys: list[str],
+    count: Callable[[int], None],
 ) -> None:
     """Make again the nodes of one container's bindings that it deleted. Runs in the
     container's queue, so no job of that container runs meanwhile; each entry is read
@@ -239,14 +243,9 @@ async def _heal_nodes(
                 continue
             if remade is None:
                 continue
-            # Read again and write at once: the pass in the pump may have updated the
-            # grant's record of this entry while we waited for the helper.
-            current = ledger.get(key)
-            if current is not None:
-                steps = current.record.get("steps", [])
-                if index < len(steps) and steps[index].get("kind") == "MakeNode":
-                    steps[index]["record"] = remade
-                    ledger.put(current)
+            # Kept by the executor, which reads the entry again: the pass in the pump
+            # may have updated the grant's record of it while we waited for the helper.
+            executor.record_heals([(key, index, "MakeNode", remade)])
             count(1)
 
 

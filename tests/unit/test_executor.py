@@ -7,6 +7,7 @@ effectors are tested against the real kernel in tests/privileged/.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,38 @@ async def test_tasks_run_in_the_container_queue_one_queued_at_a_time(tmp_path: P
         "undo MakeNode done=True",
     ]
     assert [r.error for r in h.results] == [None, None]
+
+
+def test_the_executor_is_the_ledgers_only_writer() -> None:
+    """No module but the executor (and the ledger itself) writes or deletes entries: the
+    heal pass hands its new records to the executor (record_heals)."""
+    root = Path(__file__).resolve().parents[2] / "hotrelay"
+    allowed = {root / "daemon" / "executor.py", root / "daemon" / "ledger.py"}
+    writers = []
+    for path in sorted(root.rglob("*.py")):
+        if path in allowed:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"ledger\w*\.(put|delete)\(", line, re.IGNORECASE):
+                writers.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert writers == []
+
+
+async def test_heals_are_kept_by_the_executor_step_by_step(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    b = binding()
+    await run_jobs(h, ApplyJob(b))
+    executor = Executor(h.ledger, h.effectors, h.report)
+    (entry,) = h.ledger.entries()
+    kept = executor.record_heals(
+        [
+            (entry.key, 0, "GrantDevice", {"healed": 1}),
+            (entry.key, 1, "MakeNode", {"healed": 2}),
+            (entry.key, 1, "GrantDevice", {"wrong": "kind"}),  # not that step any more
+            ("no such key", 0, "GrantDevice", {}),
+        ]
+    )
+    assert kept == 2
+    (entry,) = h.ledger.entries()
+    steps = entry.record["steps"]
+    assert [s["record"] for s in steps[:2]] == [{"healed": 1}, {"healed": 2}]
