@@ -312,8 +312,25 @@ class NodeEffector(_InContainer):
 class SymlinkEffector(_InContainer):
     """MakeSymlink: a link such as /dev/serial/by-id/... to the node, in the container."""
 
-    def __init__(self, nodes: DeviceNodes) -> None:
+    def __init__(self, nodes: DeviceNodes, helpers: NamespaceHelpers) -> None:
         self._nodes = nodes
+        self._helpers = helpers
+
+    async def heal(self, record: Record) -> Record | None:
+        """Make the link again if it is gone; the new record, or None. Anything at its
+        path (ours or the container's) is left alone, as for nodes."""
+        container = await self._target(record)
+        if container is None or "symlink" not in record:
+            return None
+        link = SymlinkRecord.from_json(record["symlink"])
+        if await self._helpers.node_exists(container, link.path):
+            return None
+        again = await self._nodes.make_symlink(container, link.path, link.target)
+        dirs = tuple(dict.fromkeys((*link.created_dirs, *again.created_dirs)))
+        log.warning("healed %s in %s: it was gone", link.path, container.target)
+        data = again.to_json()
+        data["created_dirs"] = list(dirs)
+        return {"container": record["container"], "symlink": data}
 
     def prepare(self, action: MakeSymlink) -> Record:
         # As for nodes: a pending link may exist; its undo removes it only if it still

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -161,16 +161,16 @@ class _Settings:
 
 async def _heal(
     cgroups: CgroupEffector,
-    nodes: NodeEffector,
+    in_container: Mapping[str, NodeEffector | SymlinkEffector],
     ledger: Ledger,
     healable: Callable[[BindingKey], bool],
     executor: Executor,
     count: Callable[[int], None],
 ) -> int:
     """The self-healing pass, for settled bindings: device-cgroup grants a runtime took
-    away (a systemd-managed policy on ``systemctl daemon-reload``), here and now; nodes a container
-    deleted, by a task in each container's queue (one helper round trip per node: the
-    pump, which runs this pass, must not wait for thousands of them)."""
+    away (a systemd-managed policy on ``systemctl daemon-reload``), here and now; nodes
+    and links that are gone, by a task in each container's queue (a check per node or
+    link: the pump, which runs this pass, must not wait for thousands of them)."""
     await trio.lowlevel.checkpoint()
     entries = []
     # A v2 heal makes each program hold exactly the grants it is given: a container
@@ -212,32 +212,37 @@ async def _heal(
             )
     with_nodes: dict[tuple[Runtime, str], list[str]] = {}
     for key, entry in entries:
-        if any(step.get("kind") == "MakeNode" for step in entry.record.get("steps", [])):
+        if any(step.get("kind") in in_container for step in entry.record.get("steps", [])):
             with_nodes.setdefault((key.runtime, key.container), []).append(entry.key)
     for container, keys in with_nodes.items():
-        executor.submit_task(container, partial(_heal_nodes, nodes, ledger, executor, keys, count))
+        executor.submit_task(
+            container, partial(_heal_nodes, in_container, ledger, executor, keys, count)
+        )
     return heals
 
 
 async def _heal_nodes(
-    nodes: NodeEffector,
+    in_container: Mapping[str, NodeEffector | SymlinkEffector],
     ledger: Ledger,
     executor: Executor,
     keys: list[str],
     count: Callable[[int], None],
 ) -> None:
-    """Make again the nodes of one container's bindings that it deleted. Runs in the
-    container's queue, so no job of that container runs meanwhile; each entry is read
-    when its turn comes (a job queued before this task may have changed or removed it)."""
+    """Make again the nodes and links of one container's bindings that are gone. Runs
+    in the container's queue, so no job of that container runs meanwhile; each entry is
+    read when its turn comes (a job queued before this task may have changed or removed
+    it)."""
     for key in keys:
         entry = ledger.get(key)
         if entry is None or not entry.record.get("complete"):
             continue
         for index, step in enumerate(entry.record.get("steps", [])):
-            if step.get("kind") != "MakeNode":
+            kind = step.get("kind")
+            healer = in_container.get(kind) if isinstance(kind, str) else None
+            if healer is None:
                 continue
             try:
-                remade = await nodes.heal(step.get("record", {}))
+                remade = await healer.heal(step.get("record", {}))
             except (HotrelayError, OSError) as exc:
                 log.error("heal: %s: %s", key, exc)
                 continue
@@ -245,7 +250,7 @@ async def _heal_nodes(
                 continue
             # Kept by the executor, which reads the entry again: the pass in the pump
             # may have updated the grant's record of it while we waited for the helper.
-            executor.record_heals([(key, index, "MakeNode", remade)])
+            executor.record_heals([(key, index, str(kind), remade)])
             count(1)
 
 
@@ -286,10 +291,11 @@ async def run_daemon(options: RunOptions) -> int:
     nodes = DeviceNodes(helpers, nodes_dir=state_dir / "nodes")
     cgroups = CgroupEffector(grants)
     node_effector = NodeEffector(nodes, helpers)
+    symlink_effector = SymlinkEffector(nodes, helpers)
     effectors: dict[str, Effector] = {
         "GrantDevice": cgroups,
         "MakeNode": node_effector,
-        "MakeSymlink": SymlinkEffector(nodes),
+        "MakeSymlink": symlink_effector,
         "InjectUevent": InjectEffector(UeventInjector(helpers)),
         "MoveNetdev": NetdevEffector(NetdevMover(helpers)),
         "SkipSymlink": NoteEffector(),
@@ -301,7 +307,7 @@ async def run_daemon(options: RunOptions) -> int:
         runtimes=build_adapters(config.runtimes),
         load_rules=settings_source.load,
         reload_rules=settings_source.reload,
-        heal=partial(_heal, cgroups, node_effector),
+        heal=partial(_heal, cgroups, {"MakeNode": node_effector, "MakeSymlink": symlink_effector}),
         metrics=metrics,
         notifier=notifier,
     )

@@ -309,3 +309,21 @@ def test_simulate_plans_exactly_what_the_daemon_did() -> None:
         assert planned == recorded, (planned, recorded)
         assert len(planned) >= 5
         assert sum(p.startswith("grant ") for p in planned) == 1  # shared, as the daemon did
+
+
+def test_a_link_that_is_gone_is_made_again_like_a_node() -> None:
+    """The heal pass used to remake nodes only: a symlink deleted inside (or lost in a
+    crash between undo and apply) stayed gone while `list` said applied."""
+    with ExitStack() as stack:
+        zram = stack.enter_context(ZramDevice())
+        box = Sandbox.create(devices="default-deny", name_prefix="relink")
+        stack.callback(box.close)
+        rules = {"10-serial.toml": LINK_RULE.format(target=f"pid:{box.pid}", kernel=zram.name)}
+        daemon = stack.enter_context(
+            RunningDaemon(rules, config="heal_interval = 0.3\n[runtimes]\nenabled = []\n")
+        )
+        link = f"/dev/by-name/{zram.name}"
+        eventually(lambda: inside_state(box, [link])[link] == "symlink", timeout=5)
+        box.run(["rm", link])
+        eventually(lambda: inside_state(box, [link])[link] == "symlink", timeout=5)
+        assert f"healed {link}" in daemon.log()
