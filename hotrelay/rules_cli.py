@@ -128,8 +128,6 @@ def run_explain(
 ) -> int:
     """Each rule's verdict for one present device, and which running containers would
     receive it; 0 whether or not anything matched."""
-    from hotrelay.control_cli import default_socket
-    from hotrelay.core.config import DEFAULT_CONFIG_PATH
     from hotrelay.receivers import resolve_receivers
 
     device = resolve_device(device_spec, sysfs)
@@ -138,11 +136,8 @@ def run_explain(
     verdicts = rules.explain(event, device)
     matched = [v.rule for v in verdicts if v.matched]
     wanted = list(dict.fromkeys(t for r in matched for t in r.targets))
-    config = config or Path(DEFAULT_CONFIG_PATH)
     via, receivers = (
-        resolve_receivers(wanted, socket=socket or default_socket(config), config=config)
-        if wanted
-        else ("none", [])
+        resolve_receivers(wanted, socket=socket, config=config) if wanted else ("none", [])
     )
     if as_json:
         report = {
@@ -300,8 +295,6 @@ def run_simulate(
     config: Path | None = None,
 ) -> int:
     """The plan for one captured uevent; changes nothing."""
-    from hotrelay.control_cli import default_socket
-    from hotrelay.core.config import DEFAULT_CONFIG_PATH
     from hotrelay.receivers import resolve_containers
 
     event = read_uevent_file(uevent_file)
@@ -319,10 +312,7 @@ def run_simulate(
     if wanted and event.action != "remove":
         # The containers running now, as explain finds them: then the plan is the
         # relay's own, exactly what the daemon would run.
-        config = config or Path(DEFAULT_CONFIG_PATH)
-        resolved, containers = resolve_containers(
-            wanted, socket=socket or default_socket(config), config=config
-        )
+        resolved, containers = resolve_containers(wanted, socket=socket, config=config)
     if containers:
         actions = _relay_plan(rules, event, device, containers)
     else:

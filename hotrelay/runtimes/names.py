@@ -22,7 +22,11 @@ import trio
 
 from hotrelay.core.accounts import Accounts, IdKind, to_host_id
 from hotrelay.core.containers import ContainerRef
-from hotrelay.effectors.nshelper.errors import AccountReadError, HelperError
+from hotrelay.effectors.nshelper.errors import (
+    AccountReadError,
+    HelperError,
+    HelperTimeoutError,
+)
 from hotrelay.effectors.nshelper.rootfiles import (
     ACCOUNT_FILES,
     MAX_ACCOUNT_FILE,
@@ -155,13 +159,13 @@ async def _resolve_through_helper(
         passwd, groups = await helper.read_accounts()
     except AccountReadError as exc:
         raise AccountFileError(str(exc)) from None
+    except HelperTimeoutError:
+        raise AccountFileError(
+            f"{container.target}: reading its /etc/passwd and /etc/group took longer "
+            f"than {helpers.request_timeout:g} s (a file that never answers, such as one "
+            "on a hung FUSE mount); its helper was killed"
+        ) from None
     except HelperError as exc:
-        if "did not finish within" in str(exc):
-            raise AccountFileError(
-                f"{container.target}: reading its /etc/passwd and /etc/group took longer "
-                f"than {helpers.request_timeout:g} s (a file that never answers, such as one "
-                "on a hung FUSE mount); its helper was killed"
-            ) from None
         raise AccountFileError(str(exc)) from None
     return _owner(container, Accounts.parse(passwd, groups, where=container.target), user, group)
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 import trio
 
 from hotrelay.core.containers import ContainerRef
-from hotrelay.effectors.nshelper.errors import HelperError, error_for_kind
+from hotrelay.effectors.nshelper.errors import HelperError, HelperTimeoutError, error_for_kind
 from hotrelay.effectors.nshelper.protocol import (
     RECEIVE_BUFFER,
     AccountTexts,
@@ -172,7 +172,7 @@ class NamespaceHelper:
                     raise ProtocolError(f"expected {expect.__name__}, got {reply.op}")
             except trio.TooSlowError:
                 await self.kill()
-                raise HelperError(
+                raise HelperTimeoutError(
                     name, f"{request.op} did not finish within {self.request_timeout} s"
                 ) from None
             except ConnectionError as exc:

@@ -12,6 +12,7 @@ from hotrelay.errors import HotrelayError
 __all__ = [
     "AccountReadError",
     "HelperError",
+    "HelperTimeoutError",
     "InjectionError",
     "TargetExistsError",
     "UnsafePathError",
@@ -47,6 +48,10 @@ class TargetExistsError(InjectionError):
 
 class HelperError(InjectionError):
     """The namespace helper could not be started, died, or missed its deadline."""
+
+
+class HelperTimeoutError(HelperError):
+    """The helper missed its deadline (and was killed)."""
 
 
 class AccountReadError(InjectionError):
